@@ -1,0 +1,1 @@
+"""Built-in configurations (YAML), shipped as package data."""

@@ -1,0 +1,53 @@
+"""The paged MLA latent cache: one pool of fixed-size blocks shared by all sequences.
+
+Per token and layer MLA caches only the normalised compressed KV (``kv_lora_rank`` values)
+and the roped shared key (``qk_rope_head_dim`` values): 576 numbers for DeepSeek-V2, not
+2 x heads x head_dim. Sequences address the pool through block tables (``ForwardBatch``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LatentKVPool:
+    """Storage only: ``[num_layers, num_blocks * block_size, kv_lora_rank + rope_dim]``."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("the KV pool needs at least one block of at least one token")
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.kv_lora_rank = kv_lora_rank
+        self.rope_dim = rope_dim
+        self.data = torch.zeros(
+            num_layers, num_blocks * block_size, kv_lora_rank + rope_dim, dtype=dtype, device=device
+        )
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype
+    ) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return num_layers * block_size * (kv_lora_rank + rope_dim) * itemsize
+
+    def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor) -> None:
+        """Store ``latent`` ([T, C + R]) at ``slots`` ([T]) of ``layer``."""
+        self.data[layer].index_copy_(0, slots, latent.to(self.data.dtype))
+
+    def layer(self, layer: int) -> torch.Tensor:
+        return self.data[layer]
