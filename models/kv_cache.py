@@ -11,7 +11,8 @@ import torch
 
 
 class LatentKVPool:
-    """Storage only: ``[num_layers, num_blocks * block_size, kv_lora_rank + rope_dim]``."""
+    """Storage only: per layer ``[num_blocks * block_size, kv_lora_rank + rope_dim]``, each
+    layer's tensor on that layer's device (layer split puts layers on several devices)."""
 
     def __init__(
         self,
@@ -21,7 +22,7 @@ class LatentKVPool:
         kv_lora_rank: int,
         rope_dim: int,
         dtype: torch.dtype,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | list[torch.device] = "cpu",
     ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("the KV pool needs at least one block of at least one token")
@@ -30,9 +31,11 @@ class LatentKVPool:
         self.block_size = block_size
         self.kv_lora_rank = kv_lora_rank
         self.rope_dim = rope_dim
-        self.data = torch.zeros(
-            num_layers, num_blocks * block_size, kv_lora_rank + rope_dim, dtype=dtype, device=device
-        )
+        devices = device if isinstance(device, list) else [torch.device(device)] * num_layers
+        width = kv_lora_rank + rope_dim
+        self.data = [
+            torch.zeros(num_blocks * block_size, width, dtype=dtype, device=d) for d in devices
+        ]
 
     @property
     def num_slots(self) -> int:
@@ -47,7 +50,8 @@ class LatentKVPool:
 
     def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor) -> None:
         """Store ``latent`` ([T, C + R]) at ``slots`` ([T]) of ``layer``."""
-        self.data[layer].index_copy_(0, slots, latent.to(self.data.dtype))
+        dst = self.data[layer]
+        dst.index_copy_(0, slots.to(dst.device), latent.to(dst.dtype))
 
     def layer(self, layer: int) -> torch.Tensor:
         return self.data[layer]

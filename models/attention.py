@@ -1,0 +1,126 @@
+"""Multi-head latent attention (MLA) over the paged latent cache, in two forms.
+
+Both forms cache the same thing per token: ``c_kv`` (normalised, ``kv_lora_rank`` values) and
+the roped shared key ``k_pe``. *Naive* expands the latent through ``k_b``/``v_b`` into
+per-head keys and values (transformers' and llama.cpp's legacy graph). *Absorbed* folds
+``k_b`` into the query and ``v_b`` after the attention, so attention runs directly over the
+576-wide latent (DeepSeek's inference code, llama.cpp's MLA graph); it reads far less per
+decoded token. Under TP a rank holds a contiguous range of heads and returns a partial
+output-projection sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llama_mpi.models.config import ModelConfig
+from llama_mpi.models.forward_batch import ForwardBatch
+from llama_mpi.models.gguf_file import GGUFFile
+from llama_mpi.models.kv_cache import LatentKVPool
+from llama_mpi.models.layers import rms_norm
+from llama_mpi.models.rope import apply_rope
+
+
+class MLAttention:
+    def __init__(self, cfg: ModelConfig, layer: int, heads: tuple[int, int], absorbed: bool,
+                 w: dict[str, torch.Tensor]) -> None:
+        self.cfg, self.layer, self.absorbed = cfg, layer, absorbed
+        self.n_heads = heads[1] - heads[0]
+        self.w = w  # q | q_a, q_a_norm, q_b; kv_a, kv_a_norm; k_b [h,C,Dn]; v_b [h,Dv,C]; o
+
+    @classmethod
+    def from_gguf(cls, gf: GGUFFile, cfg: ModelConfig, layer: int, heads: tuple[int, int],
+                  absorbed: bool, dtype: torch.dtype) -> MLAttention:
+        p, (h0, h1) = f"blk.{layer}.", heads
+        E, H, C, R = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        Dk, Dn, Dv = cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+        w: dict[str, torch.Tensor] = {}
+        if cfg.q_lora_rank:
+            Q = cfg.q_lora_rank
+            w["q_a"] = gf.load(p + "attn_q_a.weight", dtype, expect=(Q, E))
+            w["q_a_norm"] = gf.load(p + "attn_q_a_norm.weight", dtype, expect=(Q,))
+            w["q_b"] = gf.load(p + "attn_q_b.weight", dtype, start=h0 * Dk, stop=h1 * Dk,
+                               expect=(H * Dk, Q))
+        else:
+            w["q"] = gf.load(p + "attn_q.weight", dtype, start=h0 * Dk, stop=h1 * Dk,
+                             expect=(H * Dk, E))
+        w["kv_a"] = gf.load(p + "attn_kv_a_mqa.weight", dtype, expect=(C + R, E))
+        w["kv_a_norm"] = gf.load(p + "attn_kv_a_norm.weight", dtype, expect=(C,))
+        if cfg.legacy_kv_b:
+            kv_b = gf.load(p + "attn_kv_b.weight", dtype, start=h0 * (Dn + Dv),
+                           stop=h1 * (Dn + Dv), expect=(H * (Dn + Dv), C))
+            kv_b = kv_b.view(h1 - h0, Dn + Dv, C)
+            w["k_b"] = kv_b[:, :Dn].transpose(1, 2).contiguous()
+            w["v_b"] = kv_b[:, Dn:].contiguous()
+        else:
+            w["k_b"] = gf.load(p + "attn_k_b.weight", dtype, start=h0, stop=h1, expect=(H, C, Dn))
+            w["v_b"] = gf.load(p + "attn_v_b.weight", dtype, start=h0, stop=h1, expect=(H, Dv, C))
+        w["o"] = gf.load(p + "attn_output.weight", dtype, dim=1, start=h0 * Dv, stop=h1 * Dv,
+                         expect=(E, H * Dv))
+        return cls(cfg, layer, heads, absorbed, w)
+
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.w.values())
+
+    def __call__(self, x: torch.Tensor, batch: ForwardBatch, pool: LatentKVPool,
+                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cfg, w, T = self.cfg, self.w, x.shape[0]
+        C, Dn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
+        if "q" in w:
+            q = F.linear(x, w["q"])
+        else:
+            qa = rms_norm(F.linear(x, w["q_a"]), w["q_a_norm"], cfg.rms_norm_eps)
+            q = F.linear(qa, w["q_b"])
+        q = q.view(T, self.n_heads, cfg.qk_head_dim)
+        q_nope, q_pe = q[..., :Dn], apply_rope(q[..., Dn:], cos, sin)
+        kv = F.linear(x, w["kv_a"])
+        c_kv = rms_norm(kv[:, :C], w["kv_a_norm"], cfg.rms_norm_eps)
+        k_pe = apply_rope(kv[:, C:].unsqueeze(1), cos, sin).squeeze(1)
+        pool.write(self.layer, batch.slot_mapping, torch.cat([c_kv, k_pe], dim=-1))
+        if self.absorbed:
+            # fold k_b into the query once for the whole batch: [T, h, C]
+            q_nope = torch.einsum("thd,hcd->thc", q_nope, w["k_b"])
+        out = torch.empty(T, self.n_heads, cfg.v_head_dim, dtype=x.dtype, device=x.device)
+        starts = batch.query_start.tolist()
+        lens = batch.context_lens.tolist()
+        cache = pool.layer(self.layer)
+        for b, ctx in enumerate(lens):
+            s, e = starts[b], starts[b + 1]
+            latent = cache[_slots(batch.block_tables[b], ctx, pool.block_size)]
+            attend = self._absorbed if self.absorbed else self._naive
+            out[s:e] = attend(q_nope[s:e], q_pe[s:e], latent)
+        return F.linear(out.flatten(1), w["o"])
+
+    def _scores_softmax(self, scores: torch.Tensor) -> torch.Tensor:
+        """Causal softmax over ``[h, q, L]`` scores; the q new tokens are the last of L."""
+        q, L = scores.shape[-2], scores.shape[-1]
+        if q > 1:
+            mask = torch.ones(q, L, dtype=torch.bool, device=scores.device).tril(L - q)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores.float() * self.cfg.softmax_scale, dim=-1)
+
+    def _absorbed(self, q_abs: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
+                  ) -> torch.Tensor:
+        C = self.cfg.kv_lora_rank
+        qcat = torch.cat([q_abs, q_pe], dim=-1).transpose(0, 1)  # [h, q, C+R]
+        probs = self._scores_softmax(torch.matmul(qcat, latent.t()))  # [h, q, L]
+        o_lat = torch.matmul(probs.to(latent.dtype), latent[:, :C])  # [h, q, C]
+        o = torch.matmul(o_lat, self.w["v_b"].transpose(1, 2))  # [h, q, Dv]
+        return o.transpose(0, 1)
+
+    def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
+               ) -> torch.Tensor:
+        C = self.cfg.kv_lora_rank
+        c_kv, k_pe = latent[:, :C], latent[:, C:]
+        k_nope = torch.einsum("lc,hcd->hld", c_kv, self.w["k_b"])
+        v = torch.einsum("lc,hvc->hlv", c_kv, self.w["v_b"])
+        k = torch.cat([k_nope, k_pe.unsqueeze(0).expand(k_nope.shape[0], -1, -1)], dim=-1)
+        qh = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [h, q, Dk]
+        probs = self._scores_softmax(torch.matmul(qh, k.transpose(1, 2)))
+        return torch.matmul(probs.to(v.dtype), v).transpose(0, 1)
+
+
+def _slots(table: torch.Tensor, ctx: int, block_size: int) -> torch.Tensor:
+    pos = torch.arange(ctx, device=table.device)
+    return table[pos // block_size] * block_size + pos % block_size

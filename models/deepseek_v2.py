@@ -1,0 +1,158 @@
+"""DeepSeek-V2 / V2-Lite / V3 (GGUF ``deepseek2``) as one readable model.
+
+The model takes a ``ForwardBatch`` (flat tokens + paged-cache addressing) and a latent KV pool
+and returns float32 logits for the requested rows. It knows nothing of HTTP or scheduling;
+how ranks share the work enters only through a ``Shard`` (which heads and experts are held
+here), a tensor-parallel all-reduce and a MoE ``Dispatcher``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from llama_mpi.models.attention import MLAttention
+from llama_mpi.models.config import ModelConfig
+from llama_mpi.models.forward_batch import ForwardBatch
+from llama_mpi.models.gguf_file import GGUFFile
+from llama_mpi.models.kv_cache import LatentKVPool
+from llama_mpi.models.layers import SwiGLU, rms_norm
+from llama_mpi.models.rope import RotaryEmbedding
+from llama_mpi.models.shard import Shard
+from llama_mpi.moe.dispatcher import Dispatcher, LocalDispatcher
+from llama_mpi.moe.moe_layer import MoE
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass
+class RuntimeOptions:
+    dtype: torch.dtype = torch.float32
+    absorbed_mla: bool = True  # config enable_mla
+    fused_moe: bool = True  # config enable_fused_moe
+    shard: Shard = field(default_factory=Shard)
+    all_reduce: AllReduce = _identity  # sums TP partial results across ranks
+    dispatcher: Dispatcher = field(default_factory=LocalDispatcher)
+    layer_devices: list[torch.device] | None = None  # layer split; None: all on `device`
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+class Block:
+    """One transformer layer: MLA attention then a dense FFN or a MoE."""
+
+    def __init__(self, cfg: ModelConfig, attn: MLAttention, ffn: SwiGLU | MoE,
+                 attn_norm: torch.Tensor, ffn_norm: torch.Tensor, opts: RuntimeOptions) -> None:
+        self.cfg, self.attn, self.ffn = cfg, attn, ffn
+        self.attn_norm, self.ffn_norm, self.opts = attn_norm, ffn_norm, opts
+
+    def __call__(self, x: torch.Tensor, batch: ForwardBatch, pool: LatentKVPool,
+                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        eps, reduce = self.cfg.rms_norm_eps, self.opts.all_reduce
+        h = rms_norm(x, self.attn_norm, eps)
+        x = x + reduce(self.attn(h, batch, pool, cos, sin))
+        h = rms_norm(x, self.ffn_norm, eps)
+        if isinstance(self.ffn, SwiGLU):
+            return x + reduce(self.ffn(h))
+        routed, shared = self.ffn(h)
+        if self.ffn.dispatcher.complete:  # routed sum is whole here; only shared is partial
+            return x + routed + (reduce(shared) if shared is not None else 0)
+        partial = routed if shared is None else routed + shared
+        return x + reduce(partial)
+
+
+class DeepseekV2:
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, blocks: list[Block],
+                 norm: torch.Tensor, head: torch.Tensor, opts: RuntimeOptions) -> None:
+        self.cfg, self.embed, self.blocks = cfg, embed, blocks
+        self.norm, self.head, self.opts = norm, head, opts
+        self.devices = opts.layer_devices or [opts.device] * cfg.num_layers
+        self.rope = {d: RotaryEmbedding(cfg, d) for d in set(self.devices)}
+
+    @classmethod
+    def from_gguf(cls, gf: GGUFFile, cfg: ModelConfig, opts: RuntimeOptions) -> DeepseekV2:
+        dt, shard, E, V = opts.dtype, opts.shard, cfg.hidden_size, cfg.vocab_size
+        devices = opts.layer_devices or [opts.device] * cfg.num_layers
+        heads = shard.heads(cfg.num_heads)
+        blocks = []
+        for i in range(cfg.num_layers):
+            p = f"blk.{i}."
+            attn = MLAttention.from_gguf(gf, cfg, i, heads, opts.absorbed_mla, dt)
+            if cfg.is_moe_layer(i):
+                ffn: SwiGLU | MoE = MoE.from_gguf(gf, cfg, i, shard, opts.dispatcher,
+                                                  opts.fused_moe, dt)
+            else:
+                width = cfg.intermediate_size
+                ffn = SwiGLU.from_gguf(gf, p + "ffn", "", E, width, shard.columns(width), dt)
+            block = Block(cfg, attn, ffn, gf.load(p + "attn_norm.weight", dt, expect=(E,)),
+                          gf.load(p + "ffn_norm.weight", dt, expect=(E,)), opts)
+            blocks.append(_to_device(block, devices[i]))
+        embed = gf.load("token_embd.weight", dt, expect=(V, E)).to(devices[0])
+        head_name = "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
+        head = gf.load(head_name, dt, expect=(V, E)).to(devices[-1])
+        norm = gf.load("output_norm.weight", dt, expect=(E,)).to(devices[-1])
+        return cls(cfg, embed, blocks, norm, head, opts)
+
+    def make_kv_pool(self, num_blocks: int, block_size: int) -> LatentKVPool:
+        c = self.cfg
+        return LatentKVPool(c.num_layers, num_blocks, block_size, c.kv_lora_rank,
+                            c.qk_rope_head_dim, self.opts.dtype, list(self.devices))
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, pool: LatentKVPool) -> torch.Tensor:
+        """Float32 logits ``[len(batch.logits_indices), vocab]``; writes the batch's latents."""
+        dev = self.devices[0]
+        batch = batch.to(dev)
+        x = F.embedding(batch.input_ids, self.embed)
+        cos_sin = {dev: self.rope[dev].cos_sin(batch.positions)}
+        for block, d in zip(self.blocks, self.devices, strict=True):
+            if d != x.device:  # layer split: hand the activations to the next device
+                x, batch = x.to(d), batch.to(d)
+            if d not in cos_sin:
+                cos_sin[d] = self.rope[d].cos_sin(batch.positions)
+            x = block(x, batch, pool, *cos_sin[d])
+        x = rms_norm(x[batch.logits_indices], self.norm, self.cfg.rms_norm_eps)
+        return F.linear(x, self.head).float()
+
+    __call__ = forward
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters held here: routed experts, attention, and the rest."""
+        experts = attn = other = 0
+        for b in self.blocks:
+            attn += b.attn.num_params()
+            if isinstance(b.ffn, MoE):
+                e, o = b.ffn.num_params()
+                experts, other = experts + e, other + o
+            else:
+                other += b.ffn.num_params()
+        other += self.embed.numel() + self.head.numel()
+        return {"experts": experts, "attention": attn, "other": other}
+
+
+def _to_device(block: Block, device: torch.device) -> Block:
+    if device.type == "cpu":
+        return block  # loaded on the CPU already; avoid copies of mmap-backed tensors
+    for obj in _modules(block):
+        for k, v in vars(obj).items():
+            if isinstance(v, torch.Tensor):
+                setattr(obj, k, v.to(device))
+            elif isinstance(v, dict):
+                setattr(obj, k, {n: t.to(device) for n, t in v.items()})
+    return block
+
+
+def _modules(block: Block) -> list[object]:
+    mods: list[object] = [block, block.attn]
+    if isinstance(block.ffn, MoE):
+        mods += [block.ffn.router, block.ffn.experts]
+        mods += [block.ffn.shared] if block.ffn.shared is not None else []
+    else:
+        mods.append(block.ffn)
+    return mods

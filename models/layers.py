@@ -1,0 +1,45 @@
+"""Small building blocks: RMSNorm and the SwiGLU MLP (dense layers and shared experts)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llama_mpi.models.gguf_file import GGUFFile
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # normalise in float32, multiply by the weight in the activation dtype (as transformers)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class SwiGLU:
+    """``down(silu(gate(x)) * up(x))``; under TP each rank holds a column slice of the hidden
+    width and returns a partial sum that the caller all-reduces."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        self.gate_up = gate_up  # [2 * width, hidden]: gate rows then up rows
+        self.down = down  # [hidden, width]
+
+    @classmethod
+    def from_gguf(
+        cls, gf: GGUFFile, prefix: str, suffix: str, hidden: int, width: int,
+        cols: tuple[int, int], dtype: torch.dtype,
+    ) -> SwiGLU:
+        """Loads ``{prefix}_{gate,up,down}{suffix}.weight``, columns ``cols`` of ``width``."""
+        lo, hi = cols
+        name = f"{prefix}_{{}}{suffix}.weight".format
+        gate = gf.load(name("gate"), dtype, start=lo, stop=hi, expect=(width, hidden))
+        up = gf.load(name("up"), dtype, start=lo, stop=hi, expect=(width, hidden))
+        down = gf.load(name("down"), dtype, dim=1, start=lo, stop=hi, expect=(hidden, width))
+        return cls(torch.cat([gate, up]), down)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down)
+
+    def num_params(self) -> int:
+        return self.gate_up.numel() + self.down.numel()
+

@@ -1,0 +1,89 @@
+"""Routed experts held by one rank, computed two ways.
+
+``LoopExperts`` is the plain reference: for each local expert, find its tokens and run the
+SwiGLU. ``FusedExperts`` sorts (token, slot) pairs by expert once, runs each expert on a
+contiguous slice of the sorted activations and scatters the weighted results back in one
+``index_add_``: one host sync per layer instead of one per expert.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+
+from llama_mpi.models.gguf_file import GGUFFile
+
+
+class Experts(ABC):
+    """Experts ``first .. first + n - 1`` of a layer's stacked expert tensors."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, first: int) -> None:
+        self.gate_up = gate_up  # [n, 2 * Fe, E]
+        self.down = down  # [n, E, Fe]
+        self.first = first
+        self.count = gate_up.shape[0]
+
+    @classmethod
+    def from_gguf(cls, gf: GGUFFile, layer: int, experts: tuple[int, int], n_experts: int,
+                  hidden: int, width: int, dtype: torch.dtype) -> Experts:
+        lo, hi, p = experts[0], experts[1], f"blk.{layer}."
+        gate = gf.load(p + "ffn_gate_exps.weight", dtype, start=lo, stop=hi,
+                       expect=(n_experts, width, hidden))
+        up = gf.load(p + "ffn_up_exps.weight", dtype, start=lo, stop=hi,
+                     expect=(n_experts, width, hidden))
+        down = gf.load(p + "ffn_down_exps.weight", dtype, start=lo, stop=hi,
+                       expect=(n_experts, hidden, width))
+        return cls(torch.cat([gate, up], dim=1), down, lo)
+
+    def num_params(self) -> int:
+        return self.gate_up.numel() + self.down.numel()
+
+    def expert(self, x: torch.Tensor, local: int) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up[local]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down[local])
+
+    @abstractmethod
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's chosen experts that live here of ``weight * expert(x)``.
+
+        ``x`` [T, E]; ``ids`` [T, k] global expert ids; ``weights`` [T, k] float32.
+        Slots routed to experts held elsewhere contribute nothing.
+        """
+
+
+class LoopExperts(Experts):
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        local_ids = ids - self.first
+        for e in range(self.count):
+            tok, slot = torch.where(local_ids == e)
+            if tok.numel():
+                y = self.expert(x[tok], e) * weights[tok, slot, None].to(x.dtype)
+                out.index_add_(0, tok, y)
+        return out
+
+
+class FusedExperts(Experts):
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        local = (ids - self.first).flatten()
+        keep = (local >= 0) & (local < self.count)
+        pair = torch.nonzero(keep).squeeze(1)  # (token, slot) pairs served here
+        order = torch.argsort(local[pair], stable=True)
+        pair = pair[order]
+        counts = torch.bincount(local[pair], minlength=self.count).tolist()  # the one sync
+        tokens = pair // ids.shape[1]
+        xs = x[tokens]
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                ys[start : start + n] = self.expert(xs[start : start + n], e)
+                start += n
+        ys *= weights.flatten()[pair, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, tokens, ys)
+
+
+def make_experts(fused: bool) -> type[Experts]:
+    return FusedExperts if fused else LoopExperts
