@@ -109,7 +109,8 @@ class DeepseekV2:
         """Float32 logits ``[len(batch.logits_indices), vocab]``; writes the batch's latents."""
         dev = self.devices[0]
         batch = batch.to(dev)
-        x = F.embedding(batch.input_ids, self.embed)
+        # the residual stream stays float32 (as in llama.cpp); matmuls run in the compute dtype
+        x = F.embedding(batch.input_ids, self.embed).float()
         cos_sin = {dev: self.rope[dev].cos_sin(batch.positions)}
         for block, d in zip(self.blocks, self.devices, strict=True):
             if d != x.device:  # layer split: hand the activations to the next device

@@ -9,10 +9,11 @@ from llama_mpi.models.gguf_file import GGUFFile
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # normalise in float32, multiply by the weight in the activation dtype (as transformers)
+    # normalise in float32, multiply by the weight in the compute dtype (as transformers);
+    # the result is in the weight's dtype even when the residual stream is float32
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return weight * xf.to(weight.dtype)
 
 
 class SwiGLU:

@@ -1,0 +1,58 @@
+"""The paged latent cache: incremental decoding and mixed batches give transformers' logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llama_mpi.models.forward_batch import ForwardBatch
+from llama_mpi.models.generate import generate
+from llama_mpi.models.loader import load_model
+
+from .conftest import SEQS
+from .hf_reference import hf_logits
+
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("absorbed", [True, False], ids=["absorbed", "naive"])
+def test_token_by_token_decoding_equals_full_forward(reference, absorbed):
+    hf, path = reference("full", "f32", "mla")
+    ids = SEQS[0]
+    want = hf_logits(hf, ids)
+    model = load_model(path, absorbed_mla=absorbed)
+    pool = model.make_kv_pool(16, 4)
+    table = [9, 2, 14, 0, 7]  # blocks out of order: addressing must go through the table
+    prefix = 5
+    got = [model(ForwardBatch.build([(ids[:prefix], 0, table)], 4, all_logits=True), pool)]
+    for pos in range(prefix, len(ids)):
+        got.append(model(ForwardBatch.build([([ids[pos]], pos, table)], 4), pool))
+    got_all = torch.cat(got)
+    assert (got_all - want).abs().max().item() <= TOL
+
+
+def test_mixed_batch_equals_each_sequence_alone(reference):
+    """Decodes of two sequences and a chunked prefill of a third, in one step."""
+    hf, path = reference("lite", "f32", "legacy")
+    model = load_model(path)
+    pool = model.make_kv_pool(24, 4)
+    a, b, c = SEQS
+    ta, tb, tc = [0, 3, 6, 9, 12], [1, 4], [2, 5, 8, 11]
+    model(ForwardBatch.build([(a[:-1], 0, ta), (b[:-1], 0, tb), (c[:6], 0, tc)], 4), pool)
+    step = ForwardBatch.build([([a[-1]], len(a) - 1, ta), ([b[-1]], len(b) - 1, tb),
+                               (c[6:], 6, tc)], 4, all_logits=True)
+    out = model(step, pool)
+    assert (out[0] - hf_logits(hf, a)[-1]).abs().max().item() <= TOL
+    assert (out[1] - hf_logits(hf, b)[-1]).abs().max().item() <= TOL
+    assert (out[2:] - hf_logits(hf, c)[6:]).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("variant", ["lite", "full"])
+def test_32_greedy_tokens_equal_transformers_generate(reference, variant):
+    hf, path = reference(variant, "f32", "mla")
+    prompt = SEQS[1]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)
+    got, _, _ = generate(load_model(path), prompt, 32)
+    assert got == want[0, len(prompt):].tolist()
