@@ -1,0 +1,149 @@
+"""``llama-server``: start HTTP at once, load the model in the background, serve, drain.
+
+/health answers 503 {"status": "loading"} while the model loads, then 200. SIGINT/SIGTERM
+refuse new requests (503), let the engine finish or cancel what runs, and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from llama_mpi.mpi_server.http import attach_engine, create_app, server_state
+
+log = logging.getLogger("llama_mpi.server")
+
+DRAIN_SECONDS = 10.0  # engine.shutdown()'s default drain window
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus: a signal starts draining at once, and is not re-raised at exit."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Any) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after shutdown (so the process "dies of" them);
+        # we drained on purpose and want exit status 0.
+        self._captured_signals.clear()
+
+
+def _model_names(config: Any) -> tuple[str, tuple[str, ...]]:
+    path = str(getattr(config, "model", "") or "")
+    base = os.path.basename(path)
+    stem = base[:-5] if base.endswith(".gguf") else base
+    name = getattr(config, "model_alias", None) or base or "llama-mpi"
+    return name, tuple(n for n in (path, base, stem) if n)
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, exc: Exception | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+def _load_in_thread(config: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
+    """Run ``build_engine`` on a daemon thread: a slow load must not block the event loop,
+    and an interrupted load must not keep the process alive at exit."""
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def work() -> None:
+        try:
+            from llama_mpi.mpi_server.engine_factory import build_engine  # heavy: torch etc.
+
+            result: Any = build_engine(config)
+        except Exception as exc:  # handed to the loop, which logs it and exits 1
+            loop.call_soon_threadsafe(_settle, fut, None, exc)
+            return
+        loop.call_soon_threadsafe(_settle, fut, result, None)
+
+    threading.Thread(target=work, name="model-loader", daemon=True).start()
+    return fut
+
+
+async def _serve(config: Any) -> int:
+    name, aliases = _model_names(config)
+    app = create_app(
+        None, None, None,
+        model_name=name,
+        api_key=getattr(config, "api_key", None),
+        vocab_size=0,
+        display_chat=bool(getattr(config, "display_chat", False)),
+        no_perf=bool(getattr(config, "no_perf", False)),
+        max_model_len=int(getattr(config, "n_ctx", 0) or 0),
+        model_aliases=aliases,
+        special=bool(getattr(config, "special", False)),
+    )
+    state = server_state(app)
+    loop = asyncio.get_running_loop()
+    uv_config = uvicorn.Config(
+        app,
+        host=getattr(config, "hostname", "127.0.0.1") or "127.0.0.1",
+        port=int(getattr(config, "port", 8080)),
+        lifespan="on",
+        log_level="info",
+        # Streams still open after the engine's drain window are cut, so exit stays bounded.
+        timeout_graceful_shutdown=int(DRAIN_SECONDS) + 5,
+    )
+    # The signal handler runs between bytecodes; hop onto the loop before touching state.
+    server = _Server(uv_config, lambda: loop.call_soon_threadsafe(state.begin_shutdown))
+    failed = False
+
+    async def load() -> None:
+        nonlocal failed
+        try:
+            engine, tokenizer, chat_to_ids, vocab_size, max_model_len = await _load_in_thread(
+                config, loop)
+            start = getattr(engine, "start", None)  # engines that need the loop start here
+            if start is not None and inspect.iscoroutinefunction(start):
+                await start()
+        except Exception:
+            log.exception("model loading failed")
+            failed = True
+            server.should_exit = True
+            return
+        if state.draining:  # shut down while loading: do not start serving
+            await engine.shutdown()
+            return
+        attach_engine(app, engine, tokenizer, chat_to_ids, vocab_size, max_model_len)
+        log.info("model loaded: %s (context %d, vocab %d)", name, max_model_len, vocab_size)
+
+    loader = asyncio.create_task(load())
+    try:
+        await server.serve()
+    finally:
+        if not loader.done():
+            loader.cancel()
+        await state.shutdown()  # idempotent; covers a model that finished loading late
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llama_mpi.mpi_server.config import ConfigError, load_config
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(None, list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as exc:
+        print(f"llama-server: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Builds the FastAPI app: routes, error shapes, auth, metrics, and the shutdown hook."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from llama_mpi.mpi_server.engine_api import AsyncEngineAPI
+from llama_mpi.mpi_server.http import lightllm_routes, llamacpp_routes, openai_routes
+from llama_mpi.mpi_server.http.auth import AuthMiddleware
+from llama_mpi.mpi_server.http.errors import CatchAllMiddleware, install_error_handlers
+from llama_mpi.mpi_server.http.metrics import Metrics, RequestCounterMiddleware
+from llama_mpi.mpi_server.http.state import ChatToIds, ServerState, get_state
+
+
+def create_app(
+    engine: AsyncEngineAPI | None,
+    tokenizer: Any,
+    chat_to_ids: ChatToIds | None,
+    *,
+    model_name: str,
+    api_key: str | None,
+    vocab_size: int,
+    display_chat: bool = False,
+    no_perf: bool = False,
+    max_model_len: int,
+    model_aliases: Sequence[str] = (),
+    special: bool = False,
+    ready: bool | None = None,
+) -> FastAPI:
+    """The HTTP app. ``engine=None`` (or ``ready=False``) starts it in the "loading" state:
+    ``/health`` answers 503 until :func:`attach_engine` installs the model.
+
+    The app's lifespan shutdown stops taking requests and awaits ``engine.shutdown()``.
+    """
+    metrics = Metrics()
+    state = ServerState(model_name=model_name, api_key=api_key or None, metrics=metrics,
+                        display_chat=display_chat, no_perf=no_perf, special=special,
+                        model_aliases=tuple(model_aliases))
+    if engine is not None:
+        state.attach(engine, tokenizer, chat_to_ids, vocab_size, max_model_len)
+        state.ready = True if ready is None else ready
+    else:
+        state.vocab_size, state.max_model_len = vocab_size, max_model_len
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await state.shutdown()
+
+    app = FastAPI(title="llama-mpi", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.server = state
+    install_error_handlers(app)
+    routers = (openai_routes.router, llamacpp_routes.router, lightllm_routes.router)
+    for router in routers:
+        app.include_router(router)
+    paths = frozenset({"/metrics"} | {r.path for router in routers for r in router.routes})
+
+    @app.get("/metrics")
+    async def metrics_endpoint(st: ServerState = Depends(get_state)) -> Response:
+        return Response(st.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # Added last = outermost: the counter sees every status, including 401s and crashes.
+    if state.api_key:
+        app.add_middleware(AuthMiddleware, api_key=state.api_key)
+    app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(RequestCounterMiddleware, metrics=metrics, paths=paths)
+    return app
+
+
+def server_state(app: FastAPI) -> ServerState:
+    return app.state.server
+
+
+def attach_engine(
+    app: FastAPI,
+    engine: AsyncEngineAPI,
+    tokenizer: Any,
+    chat_to_ids: ChatToIds,
+    vocab_size: int,
+    max_model_len: int,
+) -> None:
+    """Install the loaded model into an app made with ``engine=None``; marks it ready."""
+    server_state(app).attach(engine, tokenizer, chat_to_ids, vocab_size, max_model_len)

@@ -1,0 +1,203 @@
+"""OpenAI-compatible endpoints: /v1/models, /v1/chat/completions, /v1/completions."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from llama_mpi.mpi_server.http import openai_format as fmt
+from llama_mpi.mpi_server.http import serving
+from llama_mpi.mpi_server.http.errors import APIError, bad_request
+from llama_mpi.mpi_server.http.generation import Generation
+from llama_mpi.mpi_server.http.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from llama_mpi.mpi_server.http.sampling import build_params, per_choice, pick_max_tokens
+from llama_mpi.mpi_server.http.sse import DONE, EventStream, sse
+from llama_mpi.mpi_server.http.state import ServerState, get_state
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "llama-mpi",
+            "meta": {"n_ctx": state.max_model_len, "n_vocab": state.vocab_size}}
+    return {"object": "list", "data": [card]}
+
+
+def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
+    content = m.content
+    if isinstance(content, list):  # content parts: only text can reach a text-only model
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request(f"messages[{i}].content: only text parts are supported",
+                                  "messages")
+            texts.append(part["text"])
+        content = "".join(texts)
+    return {**(m.model_extra or {}), "role": m.role, "content": content}
+
+
+def _fields(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    return body.model_dump(exclude={"messages", "prompt", "stream_options"})
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)
+) -> Any:
+    engine = state.require_engine()
+    state.check_model(body.model)
+    if not body.messages:
+        raise bad_request("messages: must contain at least one message", "messages")
+    messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
+    assert state.chat_to_ids is not None
+    try:
+        prompt_ids = await run_in_threadpool(state.chat_to_ids, messages)
+    except ValueError as exc:
+        raise bad_request(f"messages: {exc}", "messages") from exc
+    fields = _fields(body)
+    fields["top_logprobs"] = body.top_logprobs if body.logprobs else 0
+    limit = pick_max_tokens(("max_completion_tokens", body.max_completion_tokens),
+                            ("max_tokens", body.max_tokens), ("n_predict", body.n_predict))
+    fields["skip_special_tokens"] = not state.special
+    params = build_params(fields, max_tokens=limit, prompt_len=len(prompt_ids),
+                          max_model_len=state.max_model_len, vocab_size=state.vocab_size,
+                          prompt_param="messages")
+    rid, created = fmt.new_id("chatcmpl"), fmt.now()
+    gen = Generation(engine, state.metrics, rid, prompt_ids, per_choice(params),
+                     timed=not state.no_perf)
+    await serving.start(request, gen)
+    meta = (rid, created, state.model_name)
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = _chat_stream(state, gen, meta, messages, body.logprobs, usage)
+        return EventStream(stream, on_close=gen.close)
+    choices = await serving.collect(request, gen)
+    if state.display_chat:
+        serving.show_exchange(messages, choices)
+    out = fmt.envelope(rid, "chat.completion", created, state.model_name, [
+        {"index": c.index, "message": {"role": "assistant", "content": c.text},
+         "logprobs": fmt.chat_logprobs(c.logprobs) if body.logprobs else None,
+         "finish_reason": c.finish_reason}
+        for c in choices
+    ])
+    out["usage"] = fmt.usage(choices, len(prompt_ids))
+    return out
+
+
+async def _chat_stream(
+    state: ServerState, gen: Generation, meta: tuple[str, int, str], messages: list[Any],
+    logprobs: bool, include_usage: bool,
+) -> AsyncIterator[bytes]:
+    rid, created, model = meta
+
+    def chunk(choices: list[Any]) -> bytes:
+        payload = fmt.envelope(rid, "chat.completion.chunk", created, model, choices)
+        if include_usage:
+            payload["usage"] = None  # OpenAI: null on every chunk but the last
+        return sse(payload)
+
+    try:
+        for c in gen.choices:
+            yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                          "logprobs": None, "finish_reason": None}])
+        async for c, out in gen.events():
+            if out.new_text or out.logprobs:
+                lp = fmt.chat_logprobs(out.logprobs) if logprobs else None
+                yield chunk([{"index": c.index, "delta": {"content": out.new_text},
+                              "logprobs": lp, "finish_reason": None}])
+            if out.finished:
+                serving.raise_if_failed([c])
+                yield chunk([{"index": c.index, "delta": {}, "logprobs": None,
+                              "finish_reason": c.finish_reason}])
+        if include_usage:
+            payload = fmt.envelope(rid, "chat.completion.chunk", created, model, [])
+            payload["usage"] = fmt.usage(gen.choices, len(gen.prompt_ids))
+            yield sse(payload)
+        if state.display_chat:
+            serving.show_exchange(messages, gen.choices)
+    except APIError as exc:  # headers are out: report in-band, as OpenAI does
+        yield sse(exc.body())
+    finally:
+        await gen.close()
+    yield DONE
+
+
+@router.post("/v1/completions")
+async def completions(
+    body: CompletionRequest, request: Request, state: ServerState = Depends(get_state)
+) -> Any:
+    engine = state.require_engine()
+    state.check_model(body.model)
+    if body.echo:
+        raise bad_request("echo: not supported", "echo")
+    prompt_ids = await serving.prompt_to_ids(state, body.prompt)
+    fields = _fields(body)
+    fields["top_logprobs"] = body.logprobs or 0
+    fields["logprobs"] = body.logprobs is not None
+    limit = pick_max_tokens(("max_tokens", body.max_tokens), ("n_predict", body.n_predict),
+                            ("max_completion_tokens", body.max_completion_tokens))
+    fields["skip_special_tokens"] = not state.special
+    params = build_params(fields, max_tokens=limit, prompt_len=len(prompt_ids),
+                          max_model_len=state.max_model_len, vocab_size=state.vocab_size)
+    rid, created = fmt.new_id("cmpl"), fmt.now()
+    gen = Generation(engine, state.metrics, rid, prompt_ids, per_choice(params),
+                     timed=not state.no_perf)
+    await serving.start(request, gen)
+    meta = (rid, created, state.model_name)
+    want_lp = body.logprobs is not None
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = _completion_stream(state, gen, meta, body.prompt, want_lp, usage)
+        return EventStream(stream, on_close=gen.close)
+    choices = await serving.collect(request, gen)
+    if state.display_chat:
+        serving.show_exchange(body.prompt, choices)
+    out = fmt.envelope(rid, "text_completion", created, state.model_name, [
+        {"index": c.index, "text": c.text,
+         "logprobs": fmt.legacy_logprobs(c.logprobs) if want_lp else None,
+         "finish_reason": c.finish_reason}
+        for c in choices
+    ])
+    out["usage"] = fmt.usage(choices, len(prompt_ids))
+    return out
+
+
+async def _completion_stream(
+    state: ServerState, gen: Generation, meta: tuple[str, int, str], prompt: Any,
+    logprobs: bool, include_usage: bool,
+) -> AsyncIterator[bytes]:
+    rid, created, model = meta
+    offsets = [0] * len(gen.choices)  # text_offset continues across chunks
+
+    def chunk(index: int, text: str, lp: Any, finish: str | None) -> bytes:
+        payload = fmt.envelope(rid, "text_completion", created, model, [
+            {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}])
+        if include_usage:
+            payload["usage"] = None
+        return sse(payload)
+
+    try:
+        async for c, out in gen.events():
+            lp = None
+            if logprobs and out.logprobs:
+                lp = fmt.legacy_logprobs(out.logprobs, offsets[c.index])
+                offsets[c.index] += sum(len(x.text) for x in out.logprobs)
+            if out.finished:
+                serving.raise_if_failed([c])
+            if out.new_text or lp is not None or out.finished:
+                yield chunk(c.index, out.new_text, lp, c.finish_reason if out.finished else None)
+        if include_usage:
+            payload = fmt.envelope(rid, "text_completion", created, model, [])
+            payload["usage"] = fmt.usage(gen.choices, len(gen.prompt_ids))
+            yield sse(payload)
+        if state.display_chat:
+            serving.show_exchange(prompt, gen.choices)
+    except APIError as exc:
+        yield sse(exc.body())
+    finally:
+        await gen.close()
+    yield DONE

@@ -1,0 +1,99 @@
+"""Steps every generating route shares: prompt -> ids, start, collect, fail cleanly, show."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from llama_mpi.mpi_server.http.errors import APIError, bad_request
+from llama_mpi.mpi_server.http.generation import (
+    Choice,
+    ClientGone,
+    Generation,
+    unless_disconnected,
+)
+from llama_mpi.mpi_server.http.state import ServerState
+
+CLIENT_GONE = 499  # nginx's "client closed request": logged and counted, never delivered
+
+
+async def prompt_to_ids(
+    state: ServerState, prompt: Any, param: str = "prompt", add_bos: bool | None = None
+) -> list[int]:
+    """A string, a list of token ids, or a one-element list of either -> token ids."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise bad_request(f"{param}: batched prompts are not supported; send one per request",
+                              param)
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        # Tokenizing a long prompt is CPU work; keep it off the event loop.
+        ids = await run_in_threadpool(state.tokenizer.encode, prompt, add_bos)
+    else:
+        ids = list(prompt)
+        bad = [t for t in ids if not 0 <= t < state.vocab_size]
+        if bad:
+            raise bad_request(f"{param}: token id {bad[0]} is outside the vocabulary", param)
+    if not ids:
+        raise bad_request(f"{param}: must not be empty", param)
+    return list(ids)
+
+
+async def start(request: Request, gen: Generation) -> None:
+    """Submit every choice; engine refusals become HTTP errors before any byte is sent."""
+    try:
+        await unless_disconnected(request, gen.start())
+    except ClientGone:
+        await gen.close()
+        raise APIError(CLIENT_GONE, "client closed request") from None
+
+
+async def collect(request: Request, gen: Generation) -> list[Choice]:
+    try:
+        choices = await unless_disconnected(request, gen.collect())
+    except ClientGone:
+        raise APIError(CLIENT_GONE, "client closed request") from None
+    finally:
+        await gen.close()
+    raise_if_failed(choices)
+    return choices
+
+
+def raise_if_failed(choices: list[Choice]) -> None:
+    for c in choices:
+        if c.error is not None:
+            raise APIError(500, f"Generation failed: {c.error}", type="server_error")
+
+
+def show_exchange(prompt: Any, choices: list[Choice]) -> None:
+    """``--display-chat``: echo the exchange on the console (stdout, flushed)."""
+    lines = ["----- request -----"]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        lines += [f"[{m.get('role')}] {m.get('content')}" for m in prompt]
+    else:
+        lines.append(str(prompt))
+    for c in choices:
+        lines.append(f"----- reply {c.index} ({c.finish_reason}) -----")
+        lines.append(c.text)
+    print("\n".join(lines), file=sys.stdout, flush=True)
+
+
+def timings(choice: Choice) -> dict[str, float]:
+    """llama.cpp's ``timings`` object."""
+    prompt_n = max(choice.prompt_tokens - choice.cached_tokens, 0)
+    prompt_s = choice.prompt_seconds() or 0.0
+    predicted_n = choice.completion_tokens
+    decode_s = choice.decode_seconds() or 0.0
+    return {
+        "prompt_n": prompt_n,
+        "prompt_ms": prompt_s * 1e3,
+        "prompt_per_token_ms": prompt_s * 1e3 / prompt_n if prompt_n else 0.0,
+        "prompt_per_second": prompt_n / prompt_s if prompt_s > 0 else 0.0,
+        "predicted_n": predicted_n,
+        "predicted_ms": decode_s * 1e3,
+        "predicted_per_token_ms": decode_s * 1e3 / predicted_n if predicted_n else 0.0,
+        "predicted_per_second": predicted_n / decode_s if decode_s > 0 else 0.0,
+    }
