@@ -72,6 +72,20 @@ class _Cursor:
         n = self.scalar(10)
         return bytes(self.buf[self.take(n) : self.pos]).decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str]:
+        buf, pos, unpack, out = self.buf, self.pos, struct.Struct("<Q").unpack_from, []
+        try:
+            for _ in range(count):
+                (n,) = unpack(buf, pos)
+                pos += 8 + n
+                out.append(buf[pos - n : pos].decode("utf-8", "replace"))
+        except struct.error:
+            pos = len(buf) + 1
+        if pos > len(buf):
+            raise GGUFError(f"{self.path}: truncated file (in a string array)")
+        self.pos = pos
+        return out
+
     def value(self, vtype: int, key: str) -> Any:
         if vtype in _SCALARS:
             return self.scalar(vtype)
@@ -83,6 +97,8 @@ class _Cursor:
                 dt = np.dtype(_NP[etype]).newbyteorder("<")
                 start = self.take(count * dt.itemsize)
                 return np.frombuffer(self.buf, dt, count, start).tolist()
+            if etype == _STRING:  # hot path: 100k tokens and merges
+                return self.strings(count)
             return [self.value(etype, key) for _ in range(count)]
         raise GGUFError(f"{self.path}: metadata key '{key}' has unknown value type {vtype}")
 
