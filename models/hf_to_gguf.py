@@ -1,0 +1,310 @@
+"""Convert a Hugging Face DeepseekV2 state dict + config into a `deepseek2` GGUF.
+
+Metadata keys, tensor names/shapes and the F32 rules follow llama.cpp's converter
+(`DeepseekV2Model`, see shared/reference/gguf_deepseek2.md sections 1-2). Tensors are produced
+and written one at a time, so a multi-GB model never sits in memory as fp32 at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+ARCH = "deepseek2"
+QT = gguf.GGMLQuantizationType
+FT = gguf.LlamaFileType
+FTYPES: dict[str, tuple[QT, FT]] = {
+    "f32": (QT.F32, FT.ALL_F32),
+    "f16": (QT.F16, FT.MOSTLY_F16),
+    "bf16": (QT.BF16, FT.MOSTLY_BF16),
+    "q8_0": (QT.Q8_0, FT.MOSTLY_Q8_0),
+    "q4_0": (QT.Q4_0, FT.MOSTLY_Q4_0),
+}
+LAYOUTS = ("mla", "legacy")
+TensorSource = Mapping[str, torch.Tensor] | Callable[[], Iterable[tuple[str, torch.Tensor]]]
+
+
+def rope_params(config: Mapping[str, object]) -> dict:
+    """Rope settings live in `rope_scaling` (config.json, transformers 4.x) or `rope_parameters`."""
+    params = dict(config.get("rope_scaling") or {})
+    params.update(config.get("rope_parameters") or {})
+    return params
+
+
+def _write_metadata(w: gguf.GGUFWriter, cfg: Mapping, layout: str, ftype: FT, name: str) -> None:
+    """The keys (and value types) llama.cpp's converter writes; `layout` picks old vs new MLA."""
+    mla = layout == "mla"
+    heads, kv_lora = cfg["num_attention_heads"], cfg["kv_lora_rank"]
+    rope_dim = cfg["qk_rope_head_dim"]
+    rope = rope_params(cfg)
+    w.add_type("model")
+    w.add_name(name)
+    # generic TextModel.set_gguf_parameters
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(1 if mla else heads)  # the new converter forces MQA with one latent head
+    rope_type = rope.get("rope_type") or rope.get("type")
+    if rope_type == "yarn" and rope.get("factor") is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        for key, add in (("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if rope.get(key) is not None:
+                add(float(rope[key]))
+    theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
+    w.add_rope_freq_base(float(theta))
+    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps") or 1e-6))
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    if cfg.get("n_group") is not None:
+        w.add_expert_group_count(cfg["n_group"])
+    if cfg.get("topk_group") is not None:
+        w.add_expert_group_used_count(cfg["topk_group"])
+    # absent scoring_func means softmax (V2 configs); written always, as mid-2025 converters did
+    sigmoid = (cfg.get("scoring_func") or "softmax") == "sigmoid"
+    gating = gguf.ExpertGatingFuncType
+    w.add_expert_gating_func(gating.SIGMOID if sigmoid else gating.SOFTMAX)
+    w.add_file_type(ftype)
+    # DeepseekV2Model.set_gguf_parameters
+    w.add_leading_dense_block_count(cfg.get("first_k_dense_replace") or 0)
+    w.add_vocab_size(cfg["vocab_size"])
+    if cfg.get("q_lora_rank"):
+        w.add_q_lora_rank(cfg["q_lora_rank"])
+    w.add_kv_lora_rank(kv_lora)
+    if mla:
+        w.add_key_length(kv_lora + rope_dim)
+        w.add_value_length(kv_lora)
+        w.add_key_length_mla(cfg["qk_nope_head_dim"] + rope_dim)
+        w.add_value_length_mla(cfg["v_head_dim"])
+    else:
+        w.add_key_length(cfg["qk_nope_head_dim"] + rope_dim)
+        w.add_value_length(cfg["v_head_dim"])
+    w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    w.add_expert_count(cfg["n_routed_experts"])
+    w.add_expert_shared_count(cfg.get("n_shared_experts") or 0)
+    w.add_expert_weights_scale(float(cfg.get("routed_scaling_factor") or 1.0))
+    w.add_expert_weights_norm(bool(cfg.get("norm_topk_prob")))
+    w.add_rope_dimension_count(rope_dim)
+    if rope.get("mscale_all_dim") is not None:
+        # stored as 0.1 * mscale_all_dim "for legacy reasons" (llama.cpp #17945)
+        w.add_rope_scaling_yarn_log_mul(0.1 * float(rope["mscale_all_dim"]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_vocab(w: gguf.GGUFWriter, vocab: Mapping[str, object]) -> None:
+    """Write `tokenizer.*` fields keyed by GGUF name; ids are u32 and int arrays i32 as upstream."""
+    for key, val in vocab.items():
+        if isinstance(val, np.ndarray):
+            val = val.tolist()
+        if isinstance(val, bool):
+            w.add_bool(key, val)
+        elif isinstance(val, int):
+            w.add_uint32(key, val)
+        elif isinstance(val, float):
+            w.add_float32(key, val)
+        elif isinstance(val, str):
+            w.add_string(key, val)
+        else:
+            w.add_array(key, list(val))
+
+
+@dataclass
+class _Out:
+    """One GGUF tensor: HF sources (stacked on dim 0 when several), each mapped through `pick`."""
+
+    name: str
+    shape: tuple[int, ...]  # torch order; GGUF `ne` is the reverse
+    sources: tuple[str, ...]
+    pick: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
+    qtype: QT = QT.F32
+
+
+def _plan(cfg: Mapping, names: set[str], layout: str) -> list[_Out]:
+    """GGUF tensors in write order, derived from the config and the HF names present."""
+    e, heads, vocab = cfg["hidden_size"], cfg["num_attention_heads"], cfg["vocab_size"]
+    dn, dr, dv = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    c, q, dk = cfg["kv_lora_rank"], cfg.get("q_lora_rank"), dn + dr
+    x, fe = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+    shared = (cfg.get("n_shared_experts") or 0) * fe
+    outs = [_Out("token_embd.weight", (vocab, e), ("model.embed_tokens.weight",))]
+    for i in range(cfg["num_hidden_layers"]):
+        p, b = f"model.layers.{i}", f"blk.{i}"
+        a = f"{p}.self_attn"
+        outs.append(_Out(f"{b}.attn_norm.weight", (e,), (f"{p}.input_layernorm.weight",)))
+        if q:
+            outs += [_Out(f"{b}.attn_q_a.weight", (q, e), (f"{a}.q_a_proj.weight",)),
+                     _Out(f"{b}.attn_q_a_norm.weight", (q,), (f"{a}.q_a_layernorm.weight",)),
+                     _Out(f"{b}.attn_q_b.weight", (heads * dk, q), (f"{a}.q_b_proj.weight",))]
+        else:
+            outs.append(_Out(f"{b}.attn_q.weight", (heads * dk, e), (f"{a}.q_proj.weight",)))
+        kv_a = (f"{a}.kv_a_proj_with_mqa.weight",)
+        outs += [_Out(f"{b}.attn_kv_a_mqa.weight", (c + dr, e), kv_a),
+                 _Out(f"{b}.attn_kv_a_norm.weight", (c,), (f"{a}.kv_a_layernorm.weight",))]
+        kv_b = (f"{a}.kv_b_proj.weight",)
+        if layout == "mla":  # per head rows are [k_nope | v]; k_b is stored transposed
+            outs += [_Out(f"{b}.attn_k_b.weight", (heads, c, dn), kv_b,
+                          lambda t: t.view(heads, dn + dv, c)[:, :dn].transpose(1, 2)),
+                     _Out(f"{b}.attn_v_b.weight", (heads, dv, c), kv_b,
+                          lambda t: t.view(heads, dn + dv, c)[:, dn:])]
+        else:
+            outs.append(_Out(f"{b}.attn_kv_b.weight", (heads * (dn + dv), c), kv_b))
+        outs += [_Out(f"{b}.attn_output.weight", (e, heads * dv), (f"{a}.o_proj.weight",)),
+                 _Out(f"{b}.ffn_norm.weight", (e,), (f"{p}.post_attention_layernorm.weight",))]
+        m = f"{p}.mlp"
+        if i < (cfg.get("first_k_dense_replace") or 0):
+            f = cfg["intermediate_size"]
+            outs += [_Out(f"{b}.ffn_gate.weight", (f, e), (f"{m}.gate_proj.weight",)),
+                     _Out(f"{b}.ffn_up.weight", (f, e), (f"{m}.up_proj.weight",)),
+                     _Out(f"{b}.ffn_down.weight", (e, f), (f"{m}.down_proj.weight",))]
+            continue
+        outs.append(_Out(f"{b}.ffn_gate_inp.weight", (x, e), (f"{m}.gate.weight",)))
+        if f"{m}.gate.e_score_correction_bias" in names:
+            outs.append(_Out(f"{b}.exp_probs_b.bias", (x,), (f"{m}.gate.e_score_correction_bias",)))
+        outs += _expert_outs(m, b, x, fe, e, names)
+        if shared:
+            sh = f"{m}.shared_experts"
+            outs += [_Out(f"{b}.ffn_gate_shexp.weight", (shared, e), (f"{sh}.gate_proj.weight",)),
+                     _Out(f"{b}.ffn_up_shexp.weight", (shared, e), (f"{sh}.up_proj.weight",)),
+                     _Out(f"{b}.ffn_down_shexp.weight", (e, shared), (f"{sh}.down_proj.weight",))]
+    outs.append(_Out("output_norm.weight", (e,), ("model.norm.weight",)))
+    if not cfg.get("tie_word_embeddings") and "lm_head.weight" in names:
+        outs.append(_Out("output.weight", (vocab, e), ("lm_head.weight",)))
+    return outs
+
+
+def _expert_outs(m: str, b: str, x: int, fe: int, e: int, names: set[str]) -> list[_Out]:
+    """Routed experts: per-expert checkpoint names, or transformers 5.x fused 3-D parameters."""
+    ex = f"{m}.experts"
+    if f"{ex}.gate_up_proj" in names:
+        gate_up = (f"{ex}.gate_up_proj",)  # [X, 2*Fe, E], gate rows first (forward uses chunk(2))
+        return [_Out(f"{b}.ffn_gate_exps.weight", (x, fe, e), gate_up, lambda t: t[:, :fe]),
+                _Out(f"{b}.ffn_up_exps.weight", (x, fe, e), gate_up, lambda t: t[:, fe:]),
+                _Out(f"{b}.ffn_down_exps.weight", (x, e, fe), (f"{ex}.down_proj",))]
+    per = {w: tuple(f"{ex}.{j}.{w}_proj.weight" for j in range(x)) for w in ("gate", "up", "down")}
+    return [_Out(f"{b}.ffn_gate_exps.weight", (x, fe, e), per["gate"]),
+            _Out(f"{b}.ffn_up_exps.weight", (x, fe, e), per["up"]),
+            _Out(f"{b}.ffn_down_exps.weight", (x, e, fe), per["down"])]
+
+
+def _tensor_qtype(name: str, shape: tuple[int, ...], wanted: QT) -> QT:
+    """Converter rules: 1-D, *_norm, ffn_gate_inp, non-.weight are F32; F16 if rows don't block."""
+    if len(shape) <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name:
+        return QT.F32
+    if not name.endswith(".weight"):
+        return QT.F32
+    block = gguf.GGML_QUANT_SIZES[wanted][0]
+    return QT.F16 if shape[-1] % block else wanted
+
+
+def _encode(t: torch.Tensor, qtype: QT) -> np.ndarray:
+    t = t.detach().to("cpu", torch.float32).contiguous()
+    if qtype == QT.F32:
+        return t.numpy()
+    if qtype == QT.F16:
+        return t.to(torch.float16).numpy()
+    if qtype == QT.BF16:  # round-to-nearest-even, like gguf.quants' BF16
+        return t.to(torch.bfloat16).view(torch.int16).numpy()
+    return gguf.quants.quantize(t.numpy(), qtype)
+
+
+class _Fetcher:
+    """Name -> tensor over a Mapping, or over a callable's iterator read ahead into a buffer."""
+
+    def __init__(self, src: TensorSource, needs: Counter[str]) -> None:
+        self._map = src if isinstance(src, Mapping) else None
+        self._factory = None if self._map is not None else src
+        self._needs, self._buf, self._it = needs, {}, None
+
+    def names(self) -> list[str]:
+        if self._map is not None:
+            return list(self._map.keys())
+        return [n for n, _ in self._factory()]  # names-only pass; tensors dropped at once
+
+    def get(self, name: str) -> torch.Tensor:
+        self._needs[name] -= 1
+        if self._map is not None:
+            return self._map[name]
+        if name not in self._buf:
+            self._it = self._it or iter(self._factory())
+            for n, t in self._it:
+                if n == name or self._needs.get(n, 0) > 0:
+                    self._buf[n] = t
+                if n == name:
+                    break
+            else:
+                raise KeyError(f"HF tensor {name!r} not produced by the source")
+        return self._buf[name] if self._needs[name] > 0 else self._buf.pop(name)
+
+
+def _materialize(out: _Out, fetch: _Fetcher) -> np.ndarray:
+    """Encode one GGUF tensor, filling stacked slots one source at a time."""
+    data: np.ndarray | None = None
+    for j, src in enumerate(out.sources):
+        piece = out.pick(fetch.get(src))
+        want = out.shape[1:] if len(out.sources) > 1 else out.shape
+        if tuple(piece.shape) != tuple(want):
+            raise ValueError(f"{src}: shape {tuple(piece.shape)} does not fit {out.name} {want}")
+        enc = _encode(piece, out.qtype)
+        if len(out.sources) == 1:
+            return enc
+        if data is None:
+            data = np.empty((len(out.sources), *enc.shape), dtype=enc.dtype)
+        data[j] = enc
+        del piece, enc
+    assert data is not None
+    return data
+
+
+def convert(state_dict: TensorSource, config: Mapping[str, object], out_path: str | os.PathLike,
+            *, ftype: str = "f32", layout: str = "mla", vocab: Mapping[str, object] | None = None,
+            name: str = "DeepSeek-V2") -> Path:
+    """Write `state_dict` (HF names) + HF DeepseekV2 `config` as a llama.cpp `deepseek2` GGUF.
+
+    `state_dict` is a Mapping (may be lazy: only one value is held at a time) or a callable
+    returning an iterable of (name, tensor) pairs; a callable is run twice (names, then data).
+    The file is written to a temporary name and renamed, so readers never see half a file.
+    """
+    if ftype not in FTYPES or layout not in LAYOUTS:
+        raise ValueError(f"ftype must be one of {list(FTYPES)}, layout one of {LAYOUTS}")
+    wanted, file_type = FTYPES[ftype]
+    needs: Counter[str] = Counter()
+    fetch = _Fetcher(state_dict, needs)
+    outs = _plan(config, set(fetch.names()), layout)
+    for out in outs:
+        out.qtype = _tensor_qtype(out.name, out.shape, wanted)
+        needs.update(out.sources)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    w = gguf.GGUFWriter(tmp, ARCH)
+    try:
+        _write_metadata(w, config, layout, file_type, name)
+        if vocab:
+            _write_vocab(w, vocab)
+        for out in outs:
+            nbytes = prod(gguf.quants.quant_shape_to_byte_shape(out.shape, out.qtype))
+            # raw_dtype fixes the GGML type; the numpy dtype is only a placeholder here
+            w.add_tensor_info(out.name, out.shape, np.dtype(np.float32), nbytes,
+                              raw_dtype=out.qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for out in outs:
+            w.write_tensor_data(_materialize(out, fetch))
+        w.close()
+        os.replace(tmp, out_path)
+    finally:
+        w.close()
+        tmp.unlink(missing_ok=True)
+    return out_path
