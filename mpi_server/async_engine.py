@@ -1,0 +1,210 @@
+"""The engine behind asyncio: one background thread steps it, requests stream through queues.
+
+The step runs in a plain thread because the model call releases the GIL (torch), so the
+event loop keeps serving HTTP meanwhile. Submissions and aborts from the loop are handed to
+the thread as pending work and applied between steps (an abort is applied at once when no
+step is running); outputs go back via ``loop.call_soon_threadsafe`` into one
+``asyncio.Queue`` per request. With nothing to do the thread sleeps on a condition variable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from llama_mpi.mpi_server.engine import Engine
+from llama_mpi.mpi_server.engine_api import (
+    AsyncEngineAPI,
+    EngineDeadError,
+    EngineFullError,
+    EngineStats,
+    SlotInfo,
+)
+from llama_mpi.mpi_server.outputs import RequestOutput
+from llama_mpi.mpi_server.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput]
+
+
+def _final(request_id: str, reason: str, error: str | None = None) -> RequestOutput:
+    return RequestOutput(request_id, [], "", finished=True, finish_reason=reason, error=error)
+
+
+class AsyncEngine(AsyncEngineAPI):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.max_model_len = engine.max_model_len
+        self._cv = threading.Condition()  # guards the fields below
+        self._streams: dict[str, _Stream] = {}
+        self._pending_adds: list[tuple[str, list[int], SamplingParams]] = []
+        self._pending_aborts: set[str] = set()
+        self._stop = False
+        self._accepting = True
+        self._dead: Exception | None = None
+        self._step_lock = threading.Lock()  # held by the thread while it touches the engine
+        self._thread = threading.Thread(target=self._run, name="llama-mpi-engine", daemon=True)
+        self._thread.start()
+
+    # -- the API ------------------------------------------------------------------------------
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Errors (``ValueError``, ``EngineFullError``, ``EngineDeadError``) raise on the first
+        ``__anext__``, before any output."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._submit(request_id, prompt_ids, params, stream)
+        finished = False
+        try:
+            while not finished:
+                out = await stream.queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:  # cancelled or closed early: the client has gone
+                self._abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        stream = self._abort(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, _final(request_id, "abort"))
+
+    def slots(self) -> list[SlotInfo]:
+        return self.engine.slots()
+
+    def stats(self) -> EngineStats:
+        stats = self.engine.stats()
+        stats.queue_length += len(self._pending_adds)
+        return stats
+
+    async def shutdown(self, drain_timeout: float = 10.0) -> None:
+        self._accepting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout
+        while self._streams and self._dead is None and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for rid in list(self._streams):
+            self.abort(rid)
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        await asyncio.to_thread(self._thread.join)
+        with self._step_lock:  # apply aborts the thread did not get to
+            for rid in self._pending_aborts:
+                self.engine.abort(rid)
+            self._pending_aborts.clear()
+        self.engine.executor.shutdown()
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead is not None
+
+    # -- event-loop side ----------------------------------------------------------------------
+
+    def _submit(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: _Stream
+    ) -> None:
+        self.engine.check_request(prompt_ids, params)  # pure validation, safe off-thread
+        with self._cv:
+            if self._dead is not None:
+                raise EngineDeadError(f"the engine has failed: {self._dead!r}")
+            if not self._accepting:
+                raise EngineDeadError("the engine is shutting down")
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
+            if self.engine.scheduler.is_full(extra=len(self._pending_adds)):
+                raise EngineFullError("the queue is full; retry later")
+            self._streams[request_id] = stream
+            self._pending_adds.append((request_id, list(prompt_ids), params))
+            self._cv.notify()
+
+    def _abort(self, request_id: str) -> _Stream | None:
+        """Forget the request's stream and drop it from the engine (now, or after the step)."""
+        with self._cv:
+            stream = self._streams.pop(request_id, None)
+            before = len(self._pending_adds)
+            self._pending_adds = [a for a in self._pending_adds if a[0] != request_id]
+            if len(self._pending_adds) != before or self._dead is not None:
+                return stream
+            if self._step_lock.acquire(blocking=False):
+                try:
+                    self.engine.abort(request_id)
+                finally:
+                    self._step_lock.release()
+            else:
+                self._pending_aborts.add(request_id)
+                self._cv.notify()
+        return stream
+
+    # -- engine thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (
+                    self._stop
+                    or self._pending_adds
+                    or self._pending_aborts
+                    or self.engine.has_unfinished()
+                ):
+                    self._cv.wait()
+                if self._stop:
+                    return
+                adds, self._pending_adds = self._pending_adds, []
+                aborts, self._pending_aborts = self._pending_aborts, set()
+                # Hold the step lock before letting go of the condition, so that an abort
+                # arriving now is queued rather than applied mid-step.
+                self._step_lock.acquire()
+            try:
+                outputs = self._apply(adds, aborts)
+                outputs += self.engine.step()
+            except Exception as exc:  # any failure (a rank, the model, a bug) kills the engine
+                log.exception("engine step failed; failing every pending request")
+                self._fail(exc)
+                return
+            finally:
+                self._step_lock.release()
+            self._deliver(outputs)
+            if self.engine.last_num_tokens == 0 and self.engine.has_unfinished():
+                with self._cv:  # nothing could run (should not happen): do not spin
+                    self._cv.wait(timeout=0.01)
+
+    def _apply(self, adds: list, aborts: set[str]) -> list[RequestOutput]:
+        outputs = []
+        for rid in aborts:
+            self.engine.abort(rid)
+        for rid, prompt_ids, params in adds:
+            try:
+                self.engine.add_request(rid, prompt_ids, params)
+            except (ValueError, EngineFullError) as exc:  # raced past the loop-side checks
+                outputs.append(_final(rid, "error", error=str(exc)))
+        return outputs
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        with self._cv:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:  # aborted meanwhile
+                    continue
+                if out.finished:
+                    del self._streams[out.request_id]
+                try:
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+                except RuntimeError:  # that event loop is closed
+                    log.warning("dropping output for %s: its event loop is closed", out.request_id)
+
+    def _fail(self, exc: Exception) -> None:
+        with self._cv:
+            self._dead = exc
+            rids = list(self._streams)
+            self._pending_adds.clear()
+        self._deliver([_final(rid, "error", error=f"engine failed: {exc!r}") for rid in rids])
