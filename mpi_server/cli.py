@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -56,16 +57,21 @@ def _settle(fut: asyncio.Future[Any], result: Any, exc: Exception | None) -> Non
         fut.set_result(result)
 
 
-def _load_in_thread(config: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
+def _default_build(config: Any) -> Any:
+    from llama_mpi.mpi_server.engine_factory import build_engine  # heavy: torch etc.
+
+    return build_engine(config)
+
+
+def _load_in_thread(config: Any, loop: asyncio.AbstractEventLoop,
+                    build: Callable[[Any], Any]) -> asyncio.Future[Any]:
     """Run ``build_engine`` on a daemon thread: a slow load must not block the event loop,
     and an interrupted load must not keep the process alive at exit."""
     fut: asyncio.Future[Any] = loop.create_future()
 
     def work() -> None:
         try:
-            from llama_mpi.mpi_server.engine_factory import build_engine  # heavy: torch etc.
-
-            result: Any = build_engine(config)
+            result: Any = build(config)
         except Exception as exc:  # handed to the loop, which logs it and exits 1
             loop.call_soon_threadsafe(_settle, fut, None, exc)
             return
@@ -75,7 +81,7 @@ def _load_in_thread(config: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Fut
     return fut
 
 
-async def _serve(config: Any) -> int:
+async def _serve(config: Any, build: Callable[[Any], Any] = _default_build) -> int:
     name, aliases = _model_names(config)
     app = create_app(
         None, None, None,
@@ -107,7 +113,7 @@ async def _serve(config: Any) -> int:
         nonlocal failed
         try:
             engine, tokenizer, chat_to_ids, vocab_size, max_model_len = await _load_in_thread(
-                config, loop)
+                config, loop, build)
             start = getattr(engine, "start", None)  # engines that need the loop start here
             if start is not None and inspect.iscoroutinefunction(start):
                 await start()
@@ -142,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"llama-server: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(_serve(config))
+    return serve(config)
+
+
+def serve(config: Any, build: Callable[[Any], Any] = _default_build) -> int:
+    """Serve HTTP for ``config``; ``build(config)`` returns what ``build_engine`` returns."""
+    return asyncio.run(_serve(config, build))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+"""Build the serving stack for one configuration: model, tokenizer, chat template, engine.
+
+``llama-server`` calls ``build_engine`` in a worker thread while the HTTP server already
+answers ``/health`` with 503; ``llama-mpi-server`` passes an executor that drives all ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from llama_mpi.models.chat_template import ChatTemplate, encode_chat
+from llama_mpi.models.loader import load_model
+from llama_mpi.models.tokenizer import Tokenizer
+from llama_mpi.mpi_server.async_engine import AsyncEngine
+from llama_mpi.mpi_server.config import ServerConfig
+from llama_mpi.mpi_server.engine import Engine, EngineConfig
+from llama_mpi.mpi_server.executor import ModelExecutor
+from llama_mpi.mpi_server.local_executor import LocalExecutor
+
+log = logging.getLogger(__name__)
+
+ChatToIds = Callable[[list[dict[str, Any]]], list[int]]
+
+
+def pool_geometry(config: ServerConfig, model_context: int) -> tuple[int, int, int]:
+    """(num_blocks, block_size, max_model_len): the pool holds ``n_ctx`` tokens shared by all
+    slots; one sequence may use all of it, up to the model's trained context."""
+    block = config.kv_block_size
+    num_blocks = -(-config.n_ctx // block)
+    return num_blocks, block, min(config.n_ctx, model_context)
+
+
+def layer_devices(config: ServerConfig) -> list[torch.device] | None:
+    from llama_mpi.parallel.device import _device_count as device_count
+    from llama_mpi.parallel.device import auto_device_type
+    from llama_mpi.parallel.layer_split import plan_layers
+
+    dev_type = auto_device_type() if config.device == "auto" else config.device
+    if dev_type == "cpu":
+        n_dev = max(1, len(config.tensor_split))  # CPU "devices" so that plans can be tested
+    else:
+        n_dev = device_count(dev_type)
+    if n_dev == 1 and dev_type == "cpu":
+        return None
+    from llama_mpi.models.gguf_file import GGUFFile
+
+    n_layers = int(GGUFFile(config.model).metadata.get("deepseek2.block_count", 0))
+    plan = plan_layers(n_layers, dev_type, n_dev, split_mode=config.split_mode,
+                       tensor_split=config.tensor_split, n_gpu_layers=config.n_gpu_layers,
+                       main_gpu=config.main_gpu)
+    log.info("layer split plan: %s", plan.describe())
+    return plan.torch_devices()
+
+
+def check_finite(model: Any) -> None:
+    """``check_tensors``: refuse weights with NaN or inf (reads every held tensor once)."""
+    for i, block in enumerate(model.blocks):
+        for obj in (block.attn.w.values(), vars(block.ffn).values()):
+            for t in obj:
+                if isinstance(t, torch.Tensor) and not torch.isfinite(t).all():
+                    raise ValueError(f"check_tensors: layer {i} holds NaN or inf weights")
+
+
+def build_tokenizer(config: ServerConfig) -> tuple[Tokenizer, ChatToIds]:
+    tokenizer = Tokenizer.from_gguf(config.model)
+    template = ChatTemplate.resolve(tokenizer, config.chat_template)
+
+    def chat_to_ids(messages: list[dict[str, Any]]) -> list[int]:
+        return encode_chat(tokenizer, template, messages)
+
+    return tokenizer, chat_to_ids
+
+
+def local_executor(config: ServerConfig) -> ModelExecutor:
+    if config.n_threads > 0:
+        torch.set_num_threads(config.n_threads)
+    devices = layer_devices(config)
+    model = load_model(config.model, dtype=config.dtype, group_scoring=config.moe_group_scoring,
+                       use_mmap=config.use_mmap, absorbed_mla=config.enable_mla,
+                       fused_moe=config.enable_fused_moe, layer_devices=devices,
+                       device=devices[0] if devices else torch.device("cpu"))
+    if config.check_tensors:
+        check_finite(model)
+    num_blocks, block, max_len = pool_geometry(config, model.cfg.max_position_embeddings)
+    return LocalExecutor(model, num_blocks, block, max_len, config.n_threads,
+                         config.n_threads_batch)
+
+
+def build_engine(config: ServerConfig, executor: ModelExecutor | None = None
+                 ) -> tuple[AsyncEngine, Tokenizer, ChatToIds, int, int]:
+    tokenizer, chat_to_ids = build_tokenizer(config)
+    executor = executor or local_executor(config)
+    ecfg = EngineConfig(n_parallel=config.n_parallel, n_batch=config.n_batch,
+                        max_queue=config.max_queue, cont_batching=config.cont_batching,
+                        enable_prefix_caching=config.prefix_caching, no_perf=config.no_perf,
+                        presample_count=config.presample_count)
+    engine = AsyncEngine(Engine(executor, tokenizer, ecfg))
+    return engine, tokenizer, chat_to_ids, executor.vocab_size, engine.max_model_len
