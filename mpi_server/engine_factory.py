@@ -65,7 +65,19 @@ def check_finite(model: Any) -> None:
                     raise ValueError(f"check_tensors: layer {i} holds NaN or inf weights")
 
 
+def ensure_builtin_model(config: ServerConfig) -> None:
+    """The quick start's built-in model is built on first use (a few seconds)."""
+    from pathlib import Path
+
+    from llama_mpi.models.builder import default_model_path, ensure_model
+
+    if Path(config.model) == default_model_path() and not Path(config.model).is_file():
+        log.info("building the built-in model at %s", config.model)
+        ensure_model(config.model)
+
+
 def build_tokenizer(config: ServerConfig) -> tuple[Tokenizer, ChatToIds]:
+    ensure_builtin_model(config)
     tokenizer = Tokenizer.from_gguf(config.model)
     template = ChatTemplate.resolve(tokenizer, config.chat_template)
 
