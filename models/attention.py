@@ -60,8 +60,12 @@ class MLAttention:
                          expect=(E, H * Dv))
         return cls(cfg, layer, heads, absorbed, w)
 
-    def num_params(self) -> int:
-        return sum(t.numel() for t in self.w.values())
+    REPLICATED = ("q_a", "q_a_norm", "kv_a", "kv_a_norm")  # latent projections: every rank
+
+    def num_params(self) -> tuple[int, int]:
+        """(per-head parameters held here, replicated latent-projection parameters)."""
+        rep = sum(t.numel() for k, t in self.w.items() if k in self.REPLICATED)
+        return sum(t.numel() for t in self.w.values()) - rep, rep
 
     def __call__(self, x: torch.Tensor, batch: ForwardBatch, pool: LatentKVPool,
                  cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

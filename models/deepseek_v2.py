@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ class RuntimeOptions:
     all_reduce: AllReduce = _identity  # sums TP partial results across ranks
     dispatcher: Dispatcher = field(default_factory=LocalDispatcher)
     layer_devices: list[torch.device] | None = None  # layer split; None: all on `device`
+    vocab_comm: Any = None  # a Communicator: split the LM head's rows across its ranks
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
@@ -54,7 +56,12 @@ class Block:
 
     def __call__(self, x: torch.Tensor, batch: ForwardBatch, pool: LatentKVPool,
                  cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        eps, reduce = self.cfg.rms_norm_eps, self.opts.all_reduce
+        eps, all_reduce = self.cfg.rms_norm_eps, self.opts.all_reduce
+
+        def reduce(partial: torch.Tensor) -> torch.Tensor:
+            # sum TP partials in float32: the residual stream is float32 anyway
+            return all_reduce(partial.float())
+
         h = rms_norm(x, self.attn_norm, eps)
         x = x + reduce(self.attn(h, batch, pool, cos, sin))
         h = rms_norm(x, self.ffn_norm, eps)
@@ -95,7 +102,14 @@ class DeepseekV2:
             blocks.append(_to_device(block, devices[i]))
         embed = gf.load("token_embd.weight", dt, expect=(V, E)).to(devices[0])
         head_name = "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
-        head = gf.load(head_name, dt, expect=(V, E)).to(devices[-1])
+        v0, v1 = 0, V
+        if opts.vocab_comm is not None:
+            n, r = opts.vocab_comm.world_size, opts.vocab_comm.rank
+            if V % n:
+                raise ValueError(f"vocab_parallel: {n} ranks do not divide the vocabulary "
+                                 f"of {V}; turn vocab_parallel off")
+            v0, v1 = r * V // n, (r + 1) * V // n
+        head = gf.load(head_name, dt, start=v0, stop=v1, expect=(V, E)).to(devices[-1])
         norm = gf.load("output_norm.weight", dt, expect=(E,)).to(devices[-1])
         return cls(cfg, embed, blocks, norm, head, opts)
 
@@ -104,9 +118,17 @@ class DeepseekV2:
         return LatentKVPool(c.num_layers, num_blocks, block_size, c.kv_lora_rank,
                             c.qk_rope_head_dim, self.opts.dtype, list(self.devices))
 
+    @property
+    def vocab_parallel(self) -> bool:
+        return self.opts.vocab_comm is not None
+
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, pool: LatentKVPool) -> torch.Tensor:
-        """Float32 logits ``[len(batch.logits_indices), vocab]``; writes the batch's latents."""
+    def forward(self, batch: ForwardBatch, pool: LatentKVPool, logits: bool = True
+                ) -> torch.Tensor | None:
+        """Float32 logits ``[len(batch.logits_indices), vocab]``; writes the batch's latents.
+
+        ``logits=False`` skips the LM head (a rank whose logits nobody reads); with a
+        vocab-parallel head every rank must compute its slice."""
         dev = self.devices[0]
         batch = batch.to(dev)
         # the residual stream stays float32 (as in llama.cpp); matmuls run in the compute dtype
@@ -118,23 +140,30 @@ class DeepseekV2:
             if d not in cos_sin:
                 cos_sin[d] = self.rope[d].cos_sin(batch.positions)
             x = block(x, batch, pool, *cos_sin[d])
+        if not logits and not self.vocab_parallel:
+            return None
         x = rms_norm(x[batch.logits_indices], self.norm, self.cfg.rms_norm_eps)
-        return F.linear(x, self.head).float()
+        out = F.linear(x, self.head).float()
+        if self.vocab_parallel:
+            out = self.opts.vocab_comm.all_gather(out.contiguous(), dim=1)
+        return out
 
     __call__ = forward
 
     def param_counts(self) -> dict[str, int]:
-        """Parameters held here: routed experts, attention, and the rest."""
-        experts = attn = other = 0
+        """Parameters held here: routed experts, per-head attention, the replicated latent
+        projections, and the rest."""
+        experts = attn = latent = other = 0
         for b in self.blocks:
-            attn += b.attn.num_params()
+            heads, rep = b.attn.num_params()
+            attn, latent = attn + heads, latent + rep
             if isinstance(b.ffn, MoE):
                 e, o = b.ffn.num_params()
                 experts, other = experts + e, other + o
             else:
                 other += b.ffn.num_params()
         other += self.embed.numel() + self.head.numel()
-        return {"experts": experts, "attention": attn, "other": other}
+        return {"experts": experts, "attention": attn, "latent": latent, "other": other}
 
 
 def _to_device(block: Block, device: torch.device) -> Block:

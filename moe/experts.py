@@ -46,7 +46,8 @@ class Experts(ABC):
 
     @abstractmethod
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Sum over each token's chosen experts that live here of ``weight * expert(x)``.
+        """Sum over each token's chosen experts that live here of ``weight * expert(x)``,
+        accumulated in float32 (k expert outputs summed in bf16 would lose bits).
 
         ``x`` [T, E]; ``ids`` [T, k] global expert ids; ``weights`` [T, k] float32.
         Slots routed to experts held elsewhere contribute nothing.
@@ -55,13 +56,12 @@ class Experts(ABC):
 
 class LoopExperts(Experts):
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         local_ids = ids - self.first
         for e in range(self.count):
             tok, slot = torch.where(local_ids == e)
             if tok.numel():
-                y = self.expert(x[tok], e) * weights[tok, slot, None].to(x.dtype)
-                out.index_add_(0, tok, y)
+                out.index_add_(0, tok, self.expert(x[tok], e).float() * weights[tok, slot, None])
         return out
 
 
@@ -81,8 +81,8 @@ class FusedExperts(Experts):
             if n:
                 ys[start : start + n] = self.expert(xs[start : start + n], e)
                 start += n
-        ys *= weights.flatten()[pair, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, tokens, ys)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        return out.index_add_(0, tokens, ys.float() * weights.flatten()[pair, None])
 
 
 def make_experts(fused: bool) -> type[Experts]:

@@ -35,8 +35,7 @@ def pool_geometry(config: ServerConfig, model_context: int) -> tuple[int, int, i
 
 
 def layer_devices(config: ServerConfig) -> list[torch.device] | None:
-    from llama_mpi.parallel.device import _device_count as device_count
-    from llama_mpi.parallel.device import auto_device_type
+    from llama_mpi.parallel.device import auto_device_type, device_count
     from llama_mpi.parallel.layer_split import plan_layers
 
     dev_type = auto_device_type() if config.device == "auto" else config.device

@@ -1,0 +1,75 @@
+"""``llama-mpi-server``'s ranks: each loads its shard; rank 0 serves HTTP and drives steps.
+
+Rank 0 publishes every step's batch before running it, the others run the same batch in
+lockstep, so every collective inside the model is entered by all ranks in the same order.
+A failure anywhere aborts the whole job (MPI Abort) with the failing rank's message.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+import torch
+
+from llama_mpi.models.deepseek_v2 import DeepseekV2
+from llama_mpi.models.forward_batch import ForwardBatch
+from llama_mpi.models.loader import load_model
+from llama_mpi.models.shard import Shard
+from llama_mpi.moe.ep_dispatchers import make_dispatcher
+from llama_mpi.mpi_server.config import ServerConfig
+from llama_mpi.mpi_server.local_executor import LocalExecutor
+from llama_mpi.parallel.bootstrap import ParallelContext
+from llama_mpi.parallel.step_channel import StepChannel
+
+log = logging.getLogger(__name__)
+
+
+def load_shard(config: ServerConfig, ctx: ParallelContext) -> DeepseekV2:
+    """This rank's heads (TP) and experts (EP); a rank count that does not divide them is
+    refused with the valid counts."""
+    from llama_mpi.models.loader import open_model_file
+
+    _, cfg = open_model_file(config.model, config.moe_group_scoring)
+    n, r = ctx.world_size, ctx.rank
+    shard = Shard(tp_rank=r, tp_size=n, ep_rank=r, ep_size=n)
+    shard.heads(cfg.num_heads), shard.experts(cfg.num_experts)  # validate before loading
+    model = load_model(
+        config.model, dtype=config.dtype, group_scoring=config.moe_group_scoring,
+        use_mmap=config.use_mmap, absorbed_mla=config.enable_mla,
+        fused_moe=config.enable_fused_moe, shard=shard, all_reduce=ctx.comm.all_reduce,
+        dispatcher=make_dispatcher(config.moe_comm, ctx.comm, cfg.num_experts),
+        device=ctx.device, vocab_comm=ctx.comm if config.vocab_parallel else None)
+    counts = model.param_counts()
+    log.info("rank %d/%d holds %s parameters", r, n, counts)
+    return model
+
+
+class DrivingExecutor(LocalExecutor):
+    """Rank 0's executor: publish the step, then run this rank's part of it."""
+
+    def __init__(self, model: DeepseekV2, channel: StepChannel, ctx: ParallelContext,
+                 **kwargs: int) -> None:
+        super().__init__(model, **kwargs)
+        self.channel, self.ctx, self._closed = channel, ctx, False
+
+    def execute(self, batch: ForwardBatch) -> torch.Tensor:
+        try:
+            self.channel.publish(batch)
+            return super().execute(batch)
+        except BaseException:  # other ranks are mid-step: end the whole job, loudly
+            self.ctx.comm.abort(f"failed during a step:\n{traceback.format_exc()}")
+            raise
+
+    def shutdown(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.channel.publish(None)
+
+
+def run_worker(model: DeepseekV2, pool_blocks: int, block_size: int, channel: StepChannel
+               ) -> None:
+    """Ranks > 0: run published steps until the shutdown message."""
+    pool = model.make_kv_pool(pool_blocks, block_size)
+    while (batch := channel.receive()) is not None:
+        model(batch, pool, logits=False)
