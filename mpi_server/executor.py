@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+
 from llama_mpi.models.forward_batch import ForwardBatch
 
 
