@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # before torch: see parallel/
@@ -41,22 +42,33 @@ def main(argv: list[str] | None = None) -> int:
         return model, geometry
 
     if ctx.rank != 0:
+        # mpirun forwards SIGTERM/SIGINT to every rank; workers leave on rank 0's shutdown
+        # message instead, so that rank 0 can finish the step in flight first
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         model, (blocks, block, _) = prepare()
         run_guarded(run_worker, model, blocks, block, channel)
         return 0
 
     from llama_mpi.mpi_server.cli import serve
+    from llama_mpi.parallel.abort import abort_job
+
+    executors: list[DrivingExecutor] = []
 
     def build(cfg):
-        build_tokenizer(cfg)  # fail fast on a bad vocabulary before the ranks load
+        build_tokenizer(cfg)  # fail fast on a bad vocabulary
         model, (blocks, block, max_len) = prepare()
         executor = DrivingExecutor(model, channel, ctx, num_blocks=blocks, block_size=block,
                                    max_model_len=max_len, n_threads=ctx.n_threads,
                                    n_threads_batch=config.n_threads_batch)
+        executors.append(executor)
         return build_engine(cfg, executor)
 
     code = serve(config, build)
-    return code
+    if code != 0 or not executors:  # the other ranks may be loading or waiting: end them
+        abort_job(f"rank 0: llama-mpi-server failed (exit {code}); aborting the job", code or 1)
+    executors[0].shutdown()  # idempotent; the engine normally did it already
+    return 0
 
 
 if __name__ == "__main__":
