@@ -61,23 +61,23 @@ class ServerConfig:
     use_mmap: bool = _k(True, "bool", "memory-map the GGUF file instead of reading it")
     use_mlock: bool = _k(False, "bool", "lock model pages in RAM (not supported: warns)")
     check_tensors: bool = _k(False, "bool", "verify every tensor is finite while loading")
-    n_threads: int = _k(-1, "int", "CPU threads for decode; -1 = all cores", _AUTO_OR_POS)
+    n_threads: int = _k(-1, "int", "CPU threads for decode; -1 = cores / local ranks", _AUTO_OR_POS)
     n_threads_batch: int = _k(-1, "int", "CPU threads for prefill; -1 = n_threads", _AUTO_OR_POS)
     defrag_thold: float = _k(-1.0, "float", "KV defrag threshold (paged cache: unused)", _DEFRAG)
     no_perf: bool = _k(False, "bool", "do not collect per-request timing metrics")
     enable_mla: bool = _k(True, "bool", "DeepSeek MLA: cache the compressed latent KV")
-    enable_fused_moe: bool = _k(True, "bool", "run routed experts as one grouped matmul")
+    enable_fused_moe: bool = _k(True, "bool", "sort tokens by expert, one pass per layer")
     offload_input: bool = _k(True, "bool", "place input embeddings on the device (always)")
     enable_ge: bool = _k(False, "bool", "Ascend GE graph mode (needs torch_npu)")
     display_chat: bool = _k(False, "bool", "log each chat request and reply")
     presample_count: int = _k(-1, "int", "top-k candidates kept before sampling", _OFF_OR_POS)
-    n_ctx: int = _k(4096, "int", "context window per sequence, in tokens", _POSITIVE)
+    n_ctx: int = _k(4096, "int", "KV pool size in tokens, shared by all slots", _POSITIVE)
     n_batch: int = _k(2048, "int", "most prompt tokens in one forward step", _POSITIVE)
     n_parallel: int = _k(4, "int", "sequences decoded at once (slots)", _POSITIVE)
     model: str = _k("~/.cache/llama-mpi/tiny-deepseek2.gguf", "str", "GGUF model path", _NONEMPTY)
     model_alias: str | None = _k(None, "str?", "model name served by the API", _NONEMPTY_OR_NULL)
     special: bool = _k(False, "bool", "render special tokens in output text")
-    cont_batching: bool = _k(True, "bool", "admit new sequences between decode steps (always)")
+    cont_batching: bool = _k(True, "bool", "admit new sequences between decode steps")
     reranking: bool = _k(False, "bool", "rerank endpoint (not provided: warns)")
     port: int = _k(8080, "int", "HTTP port; 0 picks a free one", _PORT)
     n_threads_http: int = _k(-1, "int", "HTTP threads (asyncio loop: unused)", _AUTO_OR_POS)
@@ -93,7 +93,7 @@ class ServerConfig:
     collective_timeout: float = _k(300.0, "float", "seconds before a collective fails", _POS_FLOAT)
     kv_block_size: int = _k(16, "int", "tokens per paged KV block", _POSITIVE)
     max_queue: int = _k(256, "int", "waiting requests before HTTP 503", _POSITIVE)
-    vocab_parallel: bool = _k(False, "bool", "shard embedding / LM head over ranks")
+    vocab_parallel: bool = _k(False, "bool", "split the LM head over ranks (MPI)")
     prefix_caching: bool = _k(True, "bool", "reuse KV blocks of shared prompt prefixes")
 
 
@@ -222,8 +222,6 @@ def warn_inert_keys(cfg: ServerConfig) -> list[str]:
         notes.append("use_mlock: weights live in torch tensors that are not page-locked; ignored")
     if cfg.defrag_thold >= 0:
         notes.append("defrag_thold: the paged KV cache never fragments; ignored")
-    if not cfg.cont_batching:
-        notes.append("cont_batching: the engine always batches continuously; false ignored")
     if not cfg.offload_input:
         notes.append("offload_input: inputs always go to the model's device; false ignored")
     if cfg.n_threads_http != -1:
