@@ -138,17 +138,22 @@ async def _serve(config: Any, build: Callable[[Any], Any] = _default_build) -> i
     return 1 if failed else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def configure(prog: str, argv: list[str] | None) -> Any | None:
+    """Logging plus the configuration from file and flags; None (after printing why) if bad."""
     from llama_mpi.mpi_server.config import ConfigError, load_config
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(None, list(sys.argv[1:] if argv is None else argv))
+        return load_config(None, list(sys.argv[1:] if argv is None else argv))
     except ConfigError as exc:
-        print(f"llama-server: {exc}", file=sys.stderr)
-        return 2
-    return serve(config)
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = configure("llama-server", argv)
+    return 2 if config is None else serve(config)
 
 
 def serve(config: Any, build: Callable[[Any], Any] = _default_build) -> int:

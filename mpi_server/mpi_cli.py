@@ -7,7 +7,6 @@ the HTTP server, the scheduler and sampling; the others follow its steps. SIGTER
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -16,14 +15,10 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # before torch: see
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llama_mpi.mpi_server.config import ConfigError, load_config
+    from llama_mpi.mpi_server.cli import configure
 
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(None, list(sys.argv[1:] if argv is None else argv))
-    except ConfigError as exc:
-        print(f"llama-mpi-server: {exc}", file=sys.stderr)
+    config = configure("llama-mpi-server", argv)
+    if config is None:
         return 2
     from llama_mpi.mpi_server.engine_factory import build_engine, build_tokenizer, pool_geometry
     from llama_mpi.mpi_server.rank_runtime import DrivingExecutor, load_shard, run_worker

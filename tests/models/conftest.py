@@ -12,6 +12,22 @@ from llama_mpi.models.hf_to_gguf import convert
 
 from .hf_reference import hf_model
 
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+VOCAB = DATA / "ggml-vocab-deepseek-llm.gguf"
+MISSING_VOCAB = ("needs ../shared/data/ggml-vocab-deepseek-llm.gguf (llama.cpp's test vectors), "
+                 f"not found at {VOCAB}")
+
+
+@pytest.fixture(scope="module")
+def real():
+    """The real DeepSeek-V2 vocabulary (a read-only fixture beside the repository)."""
+    from llama_mpi.models.tokenizer import Tokenizer
+
+    if not VOCAB.exists():
+        pytest.skip(MISSING_VOCAB)
+    return Tokenizer.from_gguf(VOCAB)
+
+
 # three sequences of different lengths, reused across tests
 SEQS = [[5, 17, 250, 3, 99, 41, 7, 300, 12, 64, 1, 2, 3, 200, 150, 77, 8, 9],
         [11, 22, 33, 44, 55, 66, 77],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,8 +13,6 @@ from llama_mpi.models.chat_template import (
 )
 from llama_mpi.models.tokenizer import Tokenizer
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-VOCAB = DATA / "ggml-vocab-deepseek-llm.gguf"
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 CHAT = [
     {"role": "system", "content": "You are terse."},
@@ -33,16 +30,6 @@ WHITESPACE_TEMPLATE = """{{ bos_token }}
     {% endif %}
 {% endfor %}
 {% if add_generation_prompt %}<a>{% endif %}"""
-
-
-@pytest.fixture(scope="module")
-def real() -> Tokenizer:
-    if not VOCAB.exists():
-        pytest.skip(
-            "needs ../shared/data/ggml-vocab-deepseek-llm.gguf (llama.cpp's test vectors), "
-            f"not found at {VOCAB}"
-        )
-    return Tokenizer.from_gguf(VOCAB)
 
 
 def llama_cpp_deepseek2(messages: list[dict[str, str]], add_ass: bool) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,22 +9,10 @@ from hypothesis import strategies as st
 from llama_mpi.models.detokenizer import IncrementalDetokenizer
 from llama_mpi.models.tokenizer import Tokenizer
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-VOCAB = DATA / "ggml-vocab-deepseek-llm.gguf"
 AWKWARD = list("😶‍🌫️🦙🚀你好세계ё\u0301\u0308\x00\x1b\r\n\t 　～ø\ud800\udfff")
 TEXT = st.text(
     st.one_of(st.sampled_from(AWKWARD), st.characters(exclude_categories=[])), max_size=40
 )
-
-
-@pytest.fixture(scope="module")
-def real() -> Tokenizer:
-    if not VOCAB.exists():
-        pytest.skip(
-            "needs ../shared/data/ggml-vocab-deepseek-llm.gguf (llama.cpp's test vectors), "
-            f"not found at {VOCAB}"
-        )
-    return Tokenizer.from_gguf(VOCAB)
 
 
 @pytest.fixture(scope="module")
