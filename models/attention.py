@@ -27,6 +27,12 @@ class MLAttention:
                  w: dict[str, torch.Tensor]) -> None:
         self.cfg, self.layer, self.absorbed = cfg, layer, absorbed
         self.n_heads = heads[1] - heads[0]
+        # Absorbed attention costs about (2C + R) multiply-adds per (query, key) pair, naive
+        # about (Dk + Dv) plus a one-off C x (Dn + Dv) expansion per key: long prefill chunks
+        # are cheaper naive (vLLM does the same); decode and short chunks stay absorbed.
+        per_pair = 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim - cfg.qk_head_dim - cfg.v_head_dim
+        self.absorb_max_queries = cfg.kv_lora_rank * (cfg.qk_nope_head_dim + cfg.v_head_dim
+                                                      ) // max(per_pair, 1)
         self.w = w  # q | q_a, q_a_norm, q_b; kv_a, kv_a_norm; k_b [h,C,Dn]; v_b [h,Dv,C]; o
 
     @classmethod
@@ -82,9 +88,6 @@ class MLAttention:
         c_kv = rms_norm(kv[:, :C], w["kv_a_norm"], cfg.rms_norm_eps)
         k_pe = apply_rope(kv[:, C:].unsqueeze(1), cos, sin).squeeze(1)
         pool.write(self.layer, batch.slot_mapping, torch.cat([c_kv, k_pe], dim=-1))
-        if self.absorbed:
-            # fold k_b into the query once for the whole batch: [T, h, C]
-            q_nope = torch.einsum("thd,hcd->thc", q_nope, w["k_b"])
         out = torch.empty(T, self.n_heads, cfg.v_head_dim, dtype=x.dtype, device=x.device)
         starts = batch.query_start.tolist()
         lens = batch.context_lens.tolist()
@@ -92,8 +95,11 @@ class MLAttention:
         for b, ctx in enumerate(lens):
             s, e = starts[b], starts[b + 1]
             latent = cache[_slots(batch.block_tables[b], ctx, pool.block_size)]
-            attend = self._absorbed if self.absorbed else self._naive
-            out[s:e] = attend(q_nope[s:e], q_pe[s:e], latent)
+            if self.absorbed and e - s <= self.absorb_max_queries:
+                q_abs = torch.einsum("thd,hcd->thc", q_nope[s:e], w["k_b"])  # fold k_b in
+                out[s:e] = self._absorbed(q_abs, q_pe[s:e], latent)
+            else:
+                out[s:e] = self._naive(q_nope[s:e], q_pe[s:e], latent)
         return F.linear(out.flatten(1), w["o"])
 
     def _scores_softmax(self, scores: torch.Tensor) -> torch.Tensor:

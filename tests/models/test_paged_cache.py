@@ -56,3 +56,19 @@ def test_32_greedy_tokens_equal_transformers_generate(reference, variant):
                            do_sample=False, eos_token_id=None, pad_token_id=0)
     got, _, _ = generate(load_model(path), prompt, 32)
     assert got == want[0, len(prompt):].tolist()
+
+
+def test_absorbed_mode_with_long_chunks_attended_naively(reference):
+    """enable_mla attends chunks longer than absorb_max_queries naively (cheaper for long
+    prefill); prefill and the following decode steps still match transformers."""
+    hf, path = reference("full", "f32", "mla")
+    ids = SEQS[0]
+    model = load_model(path, absorbed_mla=True)
+    for block in model.blocks:
+        block.attn.absorb_max_queries = 3
+    pool = model.make_kv_pool(16, 4)
+    table = [4, 1, 3, 0, 2]
+    got = [model(ForwardBatch.build([(ids[:10], 0, table)], 4, all_logits=True), pool)]
+    for pos in range(10, len(ids)):
+        got.append(model(ForwardBatch.build([([ids[pos]], pos, table)], 4), pool))
+    assert (torch.cat(got) - hf_logits(hf, ids)).abs().max().item() <= TOL
