@@ -112,11 +112,14 @@ class MLAttention:
 
     def _absorbed(self, q_abs: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
                   ) -> torch.Tensor:
-        C = self.cfg.kv_lora_rank
-        qcat = torch.cat([q_abs, q_pe], dim=-1).transpose(0, 1)  # [h, q, C+R]
-        probs = self._scores_softmax(torch.matmul(qcat, latent.t()))  # [h, q, L]
-        o_lat = torch.matmul(probs.to(latent.dtype), latent[:, :C])  # [h, q, C]
-        o = torch.matmul(o_lat, self.w["v_b"].transpose(1, 2))  # [h, q, Dv]
+        C, h, q = self.cfg.kv_lora_rank, q_abs.shape[1], q_abs.shape[0]
+        # one 2-D matmul over (heads x queries): the single latent K/V is shared by all heads,
+        # so it is never broadcast (a batched matmul would copy it once per head)
+        qcat = torch.cat([q_abs, q_pe], dim=-1).transpose(0, 1).reshape(h * q, -1)
+        scores = torch.mm(qcat, latent.t()).view(h, q, -1)  # [h, q, L]
+        probs = self._scores_softmax(scores).to(latent.dtype).view(h * q, -1)
+        o_lat = torch.mm(probs, latent[:, :C]).view(h, q, C)
+        o = torch.bmm(o_lat, self.w["v_b"].transpose(1, 2))  # [h, q, Dv]
         return o.transpose(0, 1)
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
