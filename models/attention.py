@@ -12,9 +12,9 @@ output-projection sum.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from llama_mpi.models.config import ModelConfig
+from llama_mpi.models.fast_linear import linear
 from llama_mpi.models.forward_batch import ForwardBatch
 from llama_mpi.models.gguf_file import GGUFFile
 from llama_mpi.models.kv_cache import LatentKVPool
@@ -78,13 +78,13 @@ class MLAttention:
         cfg, w, T = self.cfg, self.w, x.shape[0]
         C, Dn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
         if "q" in w:
-            q = F.linear(x, w["q"])
+            q = linear(x, w["q"])
         else:
-            qa = rms_norm(F.linear(x, w["q_a"]), w["q_a_norm"], cfg.rms_norm_eps)
-            q = F.linear(qa, w["q_b"])
+            qa = rms_norm(linear(x, w["q_a"]), w["q_a_norm"], cfg.rms_norm_eps)
+            q = linear(qa, w["q_b"])
         q = q.view(T, self.n_heads, cfg.qk_head_dim)
         q_nope, q_pe = q[..., :Dn], apply_rope(q[..., Dn:], cos, sin)
-        kv = F.linear(x, w["kv_a"])
+        kv = linear(x, w["kv_a"])
         c_kv = rms_norm(kv[:, :C], w["kv_a_norm"], cfg.rms_norm_eps)
         k_pe = apply_rope(kv[:, C:].unsqueeze(1), cos, sin).squeeze(1)
         pool.write(self.layer, batch.slot_mapping, torch.cat([c_kv, k_pe], dim=-1))
@@ -100,7 +100,7 @@ class MLAttention:
                 out[s:e] = self._absorbed(q_abs, q_pe[s:e], latent)
             else:
                 out[s:e] = self._naive(q_nope[s:e], q_pe[s:e], latent)
-        return F.linear(out.flatten(1), w["o"])
+        return linear(out.flatten(1), w["o"])
 
     def _scores_softmax(self, scores: torch.Tensor) -> torch.Tensor:
         """Causal softmax over ``[h, q, L]`` scores; the q new tokens are the last of L."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from llama_mpi.models.attention import MLAttention
 from llama_mpi.models.config import ModelConfig
+from llama_mpi.models.fast_linear import linear
 from llama_mpi.models.forward_batch import ForwardBatch
 from llama_mpi.models.gguf_file import GGUFFile
 from llama_mpi.models.kv_cache import LatentKVPool
@@ -143,7 +144,7 @@ class DeepseekV2:
         if not logits and not self.vocab_parallel:
             return None
         x = rms_norm(x[batch.logits_indices], self.norm, self.cfg.rms_norm_eps)
-        out = F.linear(x, self.head).float()
+        out = linear(x, self.head).float()
         if self.vocab_parallel:
             out = self.opts.vocab_comm.all_gather(out.contiguous(), dim=1)
         return out

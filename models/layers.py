@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llama_mpi.models.fast_linear import linear
 from llama_mpi.models.gguf_file import GGUFFile
 
 
@@ -38,8 +39,8 @@ class SwiGLU:
         return cls(torch.cat([gate, up]), down)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down)
+        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.down)
 
     def num_params(self) -> int:
         return self.gate_up.numel() + self.down.numel()

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 
+from llama_mpi.models.fast_linear import linear
 from llama_mpi.models.gguf_file import GGUFFile
 
 
@@ -41,8 +42,8 @@ class Experts(ABC):
         return self.gate_up.numel() + self.down.numel()
 
     def expert(self, x: torch.Tensor, local: int) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up[local]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down[local])
+        gate, up = linear(x, self.gate_up[local]).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.down[local])
 
     @abstractmethod
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,39 @@
+"""The decode kernel against torch's float32 matmul: same products, bf16-rounded output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama_mpi.models import fast_linear
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    lib = fast_linear.kernel()
+    if lib is None:
+        pytest.skip("no AVX512-BF16 CPU or no C compiler here: linear() is plain F.linear")
+    return lib
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k", [(1, 32), (7, 33), (130, 64), (577, 2048), (1024, 1408),
+                                 (96, 10944), (3, 5)])
+def test_kernel_matches_float32_matmul(kernel, m, n, k):
+    gen = torch.Generator().manual_seed(n * 31 + k + m)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    want = F.linear(x.float(), w.float())  # exact products of the bf16 inputs, fp32 sums
+    got = fast_linear.linear(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    # only the final rounding to bf16 (2^-8 relative) and fp32 summation order differ
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-3 * k**0.5)
+
+
+def test_wide_batches_and_other_dtypes_use_torch(kernel):
+    w = torch.randn(64, 32)
+    x = torch.randn(2, 32)
+    torch.testing.assert_close(fast_linear.linear(x, w), F.linear(x, w))  # float32
+    wb, xb = w.bfloat16(), torch.randn(9, 32).bfloat16()  # more rows than the kernel takes
+    assert torch.equal(fast_linear.linear(xb, wb), F.linear(xb, wb))
