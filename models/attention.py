@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from llama_mpi.models.config import ModelConfig
-from llama_mpi.models.fast_linear import linear
+from llama_mpi.models.fast_linear import batched_linear, linear
 from llama_mpi.models.forward_batch import ForwardBatch
 from llama_mpi.models.gguf_file import GGUFFile
 from llama_mpi.models.kv_cache import LatentKVPool
@@ -96,7 +96,7 @@ class MLAttention:
             s, e = starts[b], starts[b + 1]
             latent = cache[_slots(batch.block_tables[b], ctx, pool.block_size)]
             if self.absorbed and e - s <= self.absorb_max_queries:
-                q_abs = torch.einsum("thd,hcd->thc", q_nope[s:e], w["k_b"])  # fold k_b in
+                q_abs = batched_linear(q_nope[s:e].transpose(0, 1), w["k_b"]).transpose(0, 1)
                 out[s:e] = self._absorbed(q_abs, q_pe[s:e], latent)
             else:
                 out[s:e] = self._naive(q_nope[s:e], q_pe[s:e], latent)
@@ -119,7 +119,7 @@ class MLAttention:
         scores = torch.mm(qcat, latent.t()).view(h, q, -1)  # [h, q, L]
         probs = self._scores_softmax(scores).to(latent.dtype).view(h * q, -1)
         o_lat = torch.mm(probs, latent[:, :C]).view(h, q, C)
-        o = torch.bmm(o_lat, self.w["v_b"].transpose(1, 2))  # [h, q, Dv]
+        o = batched_linear(o_lat, self.w["v_b"])  # [h, q, Dv]
         return o.transpose(0, 1)
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor

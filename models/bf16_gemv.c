@@ -109,3 +109,13 @@ void skinny_bf16_matmul(const uint16_t *W, const uint16_t *X, uint16_t *Y, int64
         if (n0 < n1) rows(W, X, Y, M, N, K, n0, n1);
     }
 }
+
+/* The same product per batch entry: Y[b] = X[b] @ W[b]^T (W: [B, N, K], X: [B, M, K]),
+ * for MLA's per-head k_b / v_b products on a decode step. */
+void batched_skinny_bf16_matmul(const uint16_t *W, const uint16_t *X, uint16_t *Y, int64_t B,
+                                int64_t M, int64_t N, int64_t K, int nthreads) {
+    if (M <= 0 || M > MAXM) return;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < B; b++)
+        rows(W + b * N * K, X + b * M * K, Y + b * M * N, M, N, K, 0, N);
+}

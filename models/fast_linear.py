@@ -58,9 +58,12 @@ def _build() -> ctypes.CDLL | None:
                 return None
             os.replace(out, lib)
     handle = ctypes.CDLL(str(lib))
-    fn = handle.skinny_bf16_matmul
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    handle.skinny_bf16_matmul.restype = None
+    handle.skinny_bf16_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [
+        ctypes.c_int]
+    handle.batched_skinny_bf16_matmul.restype = None
+    handle.batched_skinny_bf16_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [
+        ctypes.c_int]
     return handle
 
 
@@ -80,11 +83,14 @@ def kernel() -> ctypes.CDLL | None:
     return _LIB
 
 
+def _use_kernel(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
+    return (w.dtype is torch.bfloat16 and x.dtype is torch.bfloat16 and x.device.type == "cpu"
+            and 0 < rows <= MAX_ROWS and w.is_contiguous() and kernel() is not None)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x @ w.T`` for ``x`` [..., K] and ``w`` [N, K]."""
-    if (w.dtype is torch.bfloat16 and x.dtype is torch.bfloat16 and x.device.type == "cpu"
-            and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and w.is_contiguous()
-            and kernel() is not None):
+    if x.dim() == 2 and _use_kernel(x, w, x.shape[0]):
         x = x.contiguous()
         m, (n, k) = x.shape[0], w.shape
         y = torch.empty(m, n, dtype=torch.bfloat16)
@@ -92,3 +98,15 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                                 torch.get_num_threads())
         return y
     return F.linear(x, w)
+
+
+def batched_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x[b] @ w[b].T`` for ``x`` [B, M, K] and ``w`` [B, N, K] (e.g. per attention head)."""
+    if x.dim() == 3 and _use_kernel(x, w, x.shape[1]):
+        x = x.contiguous()
+        (b, m, _), n, k = x.shape, w.shape[1], w.shape[2]
+        y = torch.empty(b, m, n, dtype=torch.bfloat16)
+        _LIB.batched_skinny_bf16_matmul(w.data_ptr(), x.data_ptr(), y.data_ptr(), b, m, n, k,
+                                        torch.get_num_threads())
+        return y
+    return torch.bmm(x, w.transpose(1, 2))

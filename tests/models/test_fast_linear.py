@@ -37,3 +37,14 @@ def test_wide_batches_and_other_dtypes_use_torch(kernel):
     torch.testing.assert_close(fast_linear.linear(x, w), F.linear(x, w))  # float32
     wb, xb = w.bfloat16(), torch.randn(9, 32).bfloat16()  # more rows than the kernel takes
     assert torch.equal(fast_linear.linear(xb, wb), F.linear(xb, wb))
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_batched_kernel_matches_float32_bmm(kernel, m):
+    gen = torch.Generator().manual_seed(m)
+    w = torch.randn(16, 512, 128, generator=gen).to(torch.bfloat16)  # like k_b: [h, C, Dn]
+    x = torch.randn(16, m, 128, generator=gen).to(torch.bfloat16)
+    want = torch.bmm(x.float(), w.float().transpose(1, 2))
+    got = fast_linear.batched_linear(x, w)
+    assert got.shape == (16, m, 512)
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-2)
