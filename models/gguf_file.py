@@ -8,6 +8,8 @@ Every error names the file and, where there is one, the tensor or key.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 import struct
 import warnings
@@ -28,6 +30,8 @@ _NP = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.i
 _STRING, _ARRAY = 8, 9
 _FLOAT_TYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
 _DEQUANT_CHUNK_ELEMS = 1 << 24  # bound fp32 temporaries while dequantizing
+_MADV_DONTNEED = 4
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 
 
 class GGUFError(ValueError):
@@ -203,6 +207,17 @@ class GGUFFile:
         out_shape = list(shape)
         out_shape[dim] = hi - lo
         return self._convert(info, raw, tuple(out_shape), dtype)
+
+    def release(self, info: TensorInfo) -> None:
+        """Drop this tensor's file pages from the mapping (re-read from the file if touched
+        again: the mapping is private and never written), so copied weights are not counted
+        twice in RSS."""
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
+        page = mmap.PAGESIZE
+        start = (addr + info.offset + page - 1) // page * page
+        end = (addr + info.offset + info.nbytes) // page * page
+        if end > start and _LIBC is not None:
+            _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
     def _raw(self, info: TensorInfo) -> np.ndarray:
         shape = info.shape

@@ -36,7 +36,10 @@ class SwiGLU:
         gate = gf.load(name("gate"), dtype, start=lo, stop=hi, expect=(width, hidden))
         up = gf.load(name("up"), dtype, start=lo, stop=hi, expect=(width, hidden))
         down = gf.load(name("down"), dtype, dim=1, start=lo, stop=hi, expect=(hidden, width))
-        return cls(torch.cat([gate, up]), down)
+        gate_up = torch.cat([gate, up])
+        for part in ("gate", "up"):
+            gf.release(gf.info(name(part)))  # copied into gate_up
+        return cls(gate_up, down)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, self.gate_up).chunk(2, dim=-1)

@@ -36,7 +36,10 @@ class Experts(ABC):
                      expect=(n_experts, width, hidden))
         down = gf.load(p + "ffn_down_exps.weight", dtype, start=lo, stop=hi,
                        expect=(n_experts, hidden, width))
-        return cls(torch.cat([gate, up], dim=1), down, lo)
+        gate_up = torch.cat([gate, up], dim=1)
+        for name in ("ffn_gate_exps", "ffn_up_exps"):
+            gf.release(gf.info(f"{p}{name}.weight"))  # copied into gate_up
+        return cls(gate_up, down, lo)
 
     def num_params(self) -> int:
         return self.gate_up.numel() + self.down.numel()
