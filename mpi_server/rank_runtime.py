@@ -35,12 +35,17 @@ def load_shard(config: ServerConfig, ctx: ParallelContext) -> DeepseekV2:
     n, r = ctx.world_size, ctx.rank
     shard = Shard(tp_rank=r, tp_size=n, ep_rank=r, ep_size=n)
     shard.heads(cfg.num_heads), shard.experts(cfg.num_experts)  # validate before loading
+    vocab_parallel = config.vocab_parallel and n > 1
+    if vocab_parallel and cfg.vocab_size % n:
+        log.warning("vocab_parallel: %d ranks do not divide the vocabulary of %d; the LM head "
+                    "is replicated instead", n, cfg.vocab_size)
+        vocab_parallel = False
     model = load_model(
         config.model, dtype=config.dtype, group_scoring=config.moe_group_scoring,
         use_mmap=config.use_mmap, absorbed_mla=config.enable_mla,
         fused_moe=config.enable_fused_moe, shard=shard, all_reduce=ctx.comm.all_reduce,
         dispatcher=make_dispatcher(config.moe_comm, ctx.comm, cfg.num_experts),
-        device=ctx.device, vocab_comm=ctx.comm if config.vocab_parallel else None)
+        device=ctx.device, vocab_comm=ctx.comm if vocab_parallel else None)
     counts = model.param_counts()
     log.info("rank %d/%d holds %s parameters", r, n, counts)
     return model
