@@ -19,8 +19,10 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)(bits >> 16);
 }
 
-static void rows(const uint16_t *W, const uint16_t *X, uint16_t *Y, int64_t M, int64_t N,
-                 int64_t K, int64_t n0, int64_t n1) {
+/* always inlined with a constant M, so the per-row accumulators live in registers */
+static inline __attribute__((always_inline)) void rows_m(
+        const int64_t M, const uint16_t *W, const uint16_t *X, uint16_t *Y, int64_t N,
+        int64_t K, int64_t n0, int64_t n1) {
     const int64_t kfull = K & ~(int64_t)31;
     const __mmask32 tail = (__mmask32)((1ull << (K - kfull)) - 1ull);
     int64_t n = n0;
@@ -87,6 +89,20 @@ static void rows(const uint16_t *W, const uint16_t *X, uint16_t *Y, int64_t M, i
                                      (__m512bh)_mm512_maskz_loadu_epi16(tail, X + m * K + kfull));
             Y[m * N + n] = to_bf16(_mm512_reduce_add_ps(a));
         }
+    }
+}
+
+static void rows(const uint16_t *W, const uint16_t *X, uint16_t *Y, int64_t M, int64_t N,
+                 int64_t K, int64_t n0, int64_t n1) {
+    switch (M) {
+    case 1: rows_m(1, W, X, Y, N, K, n0, n1); break;
+    case 2: rows_m(2, W, X, Y, N, K, n0, n1); break;
+    case 3: rows_m(3, W, X, Y, N, K, n0, n1); break;
+    case 4: rows_m(4, W, X, Y, N, K, n0, n1); break;
+    case 5: rows_m(5, W, X, Y, N, K, n0, n1); break;
+    case 6: rows_m(6, W, X, Y, N, K, n0, n1); break;
+    case 7: rows_m(7, W, X, Y, N, K, n0, n1); break;
+    default: rows_m(8, W, X, Y, N, K, n0, n1); break;
     }
 }
 

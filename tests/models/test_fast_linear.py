@@ -17,7 +17,7 @@ def kernel():
     return lib
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize("n,k", [(1, 32), (7, 33), (130, 64), (577, 2048), (1024, 1408),
                                  (96, 10944), (3, 5)])
 def test_kernel_matches_float32_matmul(kernel, m, n, k):
