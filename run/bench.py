@@ -36,6 +36,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import loadavg, summarize, uptime_line  # noqa: E402
+
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,15 +46,8 @@ BLOCK_SIZE = 16
 
 
 # ------------------------------------------------------------------------------ helpers
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
-def uptime_line() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def peak_rss_mib() -> float:
@@ -101,10 +97,6 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def summarize(values: list[float]) -> dict[str, float]:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values),
-            "mean": statistics.fmean(values),
-            "stdev": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 # ------------------------------------------------------------------------------ the measurement

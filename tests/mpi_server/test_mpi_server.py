@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,11 @@ import pytest
 from openai import OpenAI
 
 from llama_mpi.models.builder import build_model
+from tests.mpi_server.server_process import free_port
 
 BIN = Path(sys.executable).parent
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
