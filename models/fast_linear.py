@@ -61,6 +61,9 @@ def _build() -> ctypes.CDLL | None:
     handle.skinny_bf16_matmul.restype = None
     handle.skinny_bf16_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [
         ctypes.c_int]
+    handle.grouped_bf16_matvec.restype = None
+    handle.grouped_bf16_matvec.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [
+        ctypes.c_int]
     handle.batched_skinny_bf16_matmul.restype = None
     handle.batched_skinny_bf16_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [
         ctypes.c_int]
@@ -110,3 +113,16 @@ def batched_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                                         torch.get_num_threads())
         return y
     return torch.bmm(x, w.transpose(1, 2))
+
+
+def grouped_matvec(x: torch.Tensor, w: torch.Tensor, idx: list[int]) -> torch.Tensor | None:
+    """``x[g] @ w[idx[g]].T`` for ``x`` [G, K] and a stacked ``w`` [E, N, K]: a decode
+    token's experts in one call. None where the kernel is unavailable (caller falls back)."""
+    if not (_use_kernel(x, w, 1) and x.dim() == 2 and w.dim() == 3):
+        return None
+    x = x.contiguous()
+    ids = torch.tensor(idx, dtype=torch.int64)
+    y = torch.empty(x.shape[0], w.shape[1], dtype=torch.bfloat16)
+    _LIB.grouped_bf16_matvec(w.data_ptr(), ids.data_ptr(), x.data_ptr(), y.data_ptr(),
+                             x.shape[0], w.shape[1], w.shape[2], torch.get_num_threads())
+    return y

@@ -48,3 +48,13 @@ def test_batched_kernel_matches_float32_bmm(kernel, m):
     got = fast_linear.batched_linear(x, w)
     assert got.shape == (16, m, 512)
     torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-2)
+
+
+def test_grouped_kernel_matches_float32_per_expert(kernel):
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(8, 96, 64, generator=gen).to(torch.bfloat16)  # 8 stacked experts
+    idx = [5, 0, 7, 5]
+    x = torch.randn(4, 64, generator=gen).to(torch.bfloat16)
+    got = fast_linear.grouped_matvec(x, w, idx)
+    want = torch.stack([x[g].float() @ w[e].float().t() for g, e in enumerate(idx)])
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-2)
