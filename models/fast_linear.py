@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("bf16_gemv.c")
 CACHE = Path(os.environ.get("LLAMA_MPI_KERNEL_CACHE", "~/.cache/llama-mpi/kernels")).expanduser()
-MAX_ROWS = 6  # beyond this torch's blocked GEMM is as fast on DRAM-streamed weights (measured)
+MAX_ROWS = 16  # the kernel's limit; it outpaces torch at every row count up to here (measured)
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
 
 
