@@ -185,17 +185,20 @@ void batched_skinny_bf16_matmul(const uint16_t *W, const uint16_t *X, uint16_t *
         rows(W + b * N * K, X + b * M * K, Y + b * M * N, M, N, K, 0, N);
 }
 
-/* One activation row per group against a chosen matrix of a stacked weight tensor:
- * Y[g] = X[g] @ W[idx[g]]^T (W: [E, N, K]; X: [G, K]; Y: [G, N]). A decode token's routed
- * experts in one call: rows of all chosen experts are split across the threads together. */
-void grouped_bf16_matvec(const uint16_t *W, const int64_t *idx, const uint16_t *X, uint16_t *Y,
-                         int64_t G, int64_t N, int64_t K, int nthreads) {
-    const int64_t chunk = 64; /* rows per work item: small enough to balance 2 threads */
+/* Grouped product over a stacked weight tensor W: [E, N, K]. Group g multiplies its rows
+ * X[start[g] : start[g+1]] (at most MAXM) by W[idx[g]]^T into the same rows of Y: [R, N].
+ * A decode batch's routed experts in one call; rows of all groups are split across threads. */
+void grouped_bf16_matmul(const uint16_t *W, const int64_t *idx, const int64_t *start,
+                         const uint16_t *X, uint16_t *Y, int64_t G, int64_t N, int64_t K,
+                         int nthreads) {
+    const int64_t chunk = 64; /* weight rows per work item: balances the threads */
     const int64_t per_group = (N + chunk - 1) / chunk;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t item = 0; item < G * per_group; item++) {
         int64_t g = item / per_group, n0 = (item % per_group) * chunk;
         int64_t n1 = n0 + chunk < N ? n0 + chunk : N;
-        rows(W + idx[g] * N * K, X + g * K, Y + g * N, 1, N, K, n0, n1);
+        int64_t m = start[g + 1] - start[g];
+        if (m > 0 && m <= MAXM)
+            rows(W + idx[g] * N * K, X + start[g] * K, Y + start[g] * N, m, N, K, n0, n1);
     }
 }

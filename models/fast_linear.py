@@ -61,8 +61,8 @@ def _build() -> ctypes.CDLL | None:
     handle.skinny_bf16_matmul.restype = None
     handle.skinny_bf16_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [
         ctypes.c_int]
-    handle.grouped_bf16_matvec.restype = None
-    handle.grouped_bf16_matvec.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [
+    handle.grouped_bf16_matmul.restype = None
+    handle.grouped_bf16_matmul.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [
         ctypes.c_int]
     handle.batched_skinny_bf16_matmul.restype = None
     handle.batched_skinny_bf16_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [
@@ -115,14 +115,20 @@ def batched_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x, w.transpose(1, 2))
 
 
-def grouped_matvec(x: torch.Tensor, w: torch.Tensor, idx: list[int]) -> torch.Tensor | None:
-    """``x[g] @ w[idx[g]].T`` for ``x`` [G, K] and a stacked ``w`` [E, N, K]: a decode
-    token's experts in one call. None where the kernel is unavailable (caller falls back)."""
-    if not (_use_kernel(x, w, 1) and x.dim() == 2 and w.dim() == 3):
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, idx: list[int], counts: list[int]
+                   ) -> torch.Tensor | None:
+    """Rows of ``x`` [R, K] in consecutive groups of ``counts[g]`` rows, group g times
+    ``w[idx[g]].T`` for a stacked ``w`` [E, N, K]: a decode batch's routed experts in one call.
+    None where the kernel cannot take it (unavailable, or a group over MAX_ROWS rows)."""
+    if not (x.dim() == 2 and w.dim() == 3 and max(counts, default=0) <= MAX_ROWS
+            and _use_kernel(x, w, 1)):
         return None
     x = x.contiguous()
     ids = torch.tensor(idx, dtype=torch.int64)
+    starts = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    starts[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
     y = torch.empty(x.shape[0], w.shape[1], dtype=torch.bfloat16)
-    _LIB.grouped_bf16_matvec(w.data_ptr(), ids.data_ptr(), x.data_ptr(), y.data_ptr(),
-                             x.shape[0], w.shape[1], w.shape[2], torch.get_num_threads())
+    _LIB.grouped_bf16_matmul(w.data_ptr(), ids.data_ptr(), starts.data_ptr(), x.data_ptr(),
+                             y.data_ptr(), len(counts), w.shape[1], w.shape[2],
+                             torch.get_num_threads())
     return y

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 
-from llama_mpi.models.fast_linear import grouped_matvec, linear
+from llama_mpi.models.fast_linear import grouped_matmul, linear
 from llama_mpi.models.gguf_file import GGUFFile
 
 
@@ -83,12 +83,14 @@ class FusedExperts(Experts):
         counts = torch.bincount(local[pair], minlength=self.count).tolist()  # the one sync
         tokens = pair // ids.shape[1]
         xs = x[tokens]
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                ys[start : start + n] = self.expert(xs[start : start + n], e)
-                start += n
+        active = [e for e, n in enumerate(counts) if n]
+        ys = self._grouped(xs, active, [counts[e] for e in active])
+        if ys is None:  # groups too large for the decode kernel (prefill), or no kernel
+            ys = torch.empty_like(xs)
+            start = 0
+            for e in active:
+                ys[start : start + counts[e]] = self.expert(xs[start : start + counts[e]], e)
+                start += counts[e]
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         return out.index_add_(0, tokens, ys.float() * weights.flatten()[pair, None])
 
@@ -104,11 +106,15 @@ class FusedExperts(Experts):
                     toks.append(t)
                     ws.append(wt)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        if groups and all(len(toks) == 1 for toks, _ in groups.values()):
-            fused = self._one_token_each(x, groups)
-            if fused is not None:
-                tokens, ws, y = fused
-                return out.index_add_(0, tokens, y.float() * ws[:, None])
+        if not groups:  # none of the chosen experts lives on this rank
+            return out
+        experts = list(groups)
+        toks = [t for e in experts for t in groups[e][0]]
+        y = self._grouped(x[toks], experts, [len(groups[e][0]) for e in experts])
+        if y is not None:
+            ws = torch.tensor([w for e in experts for w in groups[e][1]], dtype=torch.float32)
+            idx = torch.tensor(toks, dtype=torch.int64, device=x.device)
+            return out.index_add_(0, idx, y.float() * ws[:, None])
         for e, (toks, ws) in groups.items():
             y = self.expert(x[toks], e).float()
             if len(toks) == 1:
@@ -118,21 +124,15 @@ class FusedExperts(Experts):
                 out.index_add_(0, torch.tensor(toks, device=x.device), y * w[:, None])
         return out
 
-    def _one_token_each(self, x: torch.Tensor, groups: dict[int, tuple[list[int], list[float]]]
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Every chosen expert serves one token (a decode stream): all of them in two grouped
-        kernel calls (gate/up, then down) instead of a dozen ops per expert."""
-        experts = list(groups)
-        toks = [groups[e][0][0] for e in experts]
-        xs = x[toks]
-        gate_up = grouped_matvec(xs, self.gate_up, experts)
+    def _grouped(self, xs: torch.Tensor, experts: list[int], counts: list[int]
+                 ) -> torch.Tensor | None:
+        """Rows of ``xs`` grouped by expert (``counts`` rows each) through their experts in
+        two grouped kernel calls (gate/up, then down); None where the kernel cannot."""
+        gate_up = grouped_matmul(xs, self.gate_up, experts, counts)
         if gate_up is None:
             return None
         gate, up = gate_up.chunk(2, dim=-1)
-        y = grouped_matvec((F.silu(gate) * up).contiguous(), self.down, experts)
-        ws = torch.tensor([groups[e][1][0] for e in experts], dtype=torch.float32)
-        return torch.tensor(toks), ws, y
-
+        return grouped_matmul((F.silu(gate) * up).contiguous(), self.down, experts, counts)
 
 def make_experts(fused: bool) -> type[Experts]:
     return FusedExperts if fused else LoopExperts

@@ -53,8 +53,10 @@ def test_batched_kernel_matches_float32_bmm(kernel, m):
 def test_grouped_kernel_matches_float32_per_expert(kernel):
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(8, 96, 64, generator=gen).to(torch.bfloat16)  # 8 stacked experts
-    idx = [5, 0, 7, 5]
-    x = torch.randn(4, 64, generator=gen).to(torch.bfloat16)
-    got = fast_linear.grouped_matvec(x, w, idx)
-    want = torch.stack([x[g].float() @ w[e].float().t() for g, e in enumerate(idx)])
+    idx, counts = [5, 0, 7, 2], [1, 3, 16, 2]
+    x = torch.randn(sum(counts), 64, generator=gen).to(torch.bfloat16)
+    got = fast_linear.grouped_matmul(x, w, idx, counts)
+    owner = [e for e, n in zip(idx, counts, strict=True) for _ in range(n)]
+    want = torch.stack([x[r].float() @ w[e].float().t() for r, e in enumerate(owner)])
     torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-2)
+    assert fast_linear.grouped_matmul(x, w, [1], [sum(counts)]) is None  # 22 rows: too many
