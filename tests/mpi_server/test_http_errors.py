@@ -24,11 +24,6 @@ def engine() -> FakeEngine:
     return FakeEngine(max_model_len=64)
 
 
-@pytest.fixture
-def client(engine: FakeEngine) -> TestClient:
-    return TestClient(make_app(engine))
-
-
 def assert_error(r, status: int, param: str | None = None, code: str | None = None) -> dict:
     assert r.status_code == status, r.text
     err = r.json()["error"]

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.mpi_server.fake_engine import BOS, EOS, OFFSET, FakeEngine, make_app
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-def client(engine: FakeEngine) -> TestClient:
-    return TestClient(make_app(engine))
 
 
 def sse_json(text: str) -> list[dict]:

@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from fastapi.testclient import TestClient
 
 from tests.mpi_server.fake_engine import BOS, FakeEngine, make_app
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-def client(engine: FakeEngine) -> TestClient:
-    return TestClient(make_app(engine))
 
 
 def events(resp) -> list:
