@@ -90,11 +90,10 @@ class MLAttention:
         pool.write(self.layer, batch.slot_mapping, torch.cat([c_kv, k_pe], dim=-1))
         out = torch.empty(T, self.n_heads, cfg.v_head_dim, dtype=x.dtype, device=x.device)
         starts = batch.query_start.tolist()
-        lens = batch.context_lens.tolist()
         cache = pool.layer(self.layer)
-        for b, ctx in enumerate(lens):
+        for b, slots in enumerate(batch.context_slots(pool.block_size)):
             s, e = starts[b], starts[b + 1]
-            latent = cache[_slots(batch.block_tables[b], ctx, pool.block_size)]
+            latent = cache[slots]
             if self.absorbed and e - s <= self.absorb_max_queries:
                 q_abs = batched_linear(q_nope[s:e].transpose(0, 1), w["k_b"]).transpose(0, 1)
                 out[s:e] = self._absorbed(q_abs, q_pe[s:e], latent)
@@ -133,7 +132,3 @@ class MLAttention:
         probs = self._scores_softmax(torch.matmul(qh, k.transpose(1, 2)))
         return torch.matmul(probs.to(v.dtype), v).transpose(0, 1)
 
-
-def _slots(table: torch.Tensor, ctx: int, block_size: int) -> torch.Tensor:
-    pos = torch.arange(ctx, device=table.device)
-    return table[pos // block_size] * block_size + pos % block_size

@@ -6,7 +6,7 @@ tokens of which sequences run in this step and where their latents live in the K
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -38,7 +38,20 @@ class ForwardBatch:
         return int(self.context_lens.shape[0])
 
     def to(self, device: torch.device | str) -> ForwardBatch:
-        return ForwardBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+        return ForwardBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def context_slots(self, block_size: int) -> list[torch.Tensor]:
+        """Per sequence, the pool slots of its whole context; computed once per step and
+        shared by every layer (cached on the batch)."""
+        cached = self.__dict__.get("_context_slots")
+        if cached is None or cached[0] != block_size:
+            slots = []
+            for b, ctx in enumerate(self.context_lens.tolist()):
+                pos = torch.arange(ctx, device=self.block_tables.device)
+                slots.append(self.block_tables[b][pos // block_size] * block_size
+                             + pos % block_size)
+            cached = self.__dict__["_context_slots"] = (block_size, slots)
+        return cached[1]
 
     @staticmethod
     def build(

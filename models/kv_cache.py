@@ -37,17 +37,6 @@ class LatentKVPool:
             torch.zeros(num_blocks * block_size, width, dtype=dtype, device=d) for d in devices
         ]
 
-    @property
-    def num_slots(self) -> int:
-        return self.num_blocks * self.block_size
-
-    @staticmethod
-    def bytes_per_block(
-        num_layers: int, block_size: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype
-    ) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return num_layers * block_size * (kv_lora_rank + rope_dim) * itemsize
-
     def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor) -> None:
         """Store ``latent`` ([T, C + R]) at ``slots`` ([T]) of ``layer``."""
         dst = self.data[layer]
