@@ -18,6 +18,7 @@ from llama_mpi.models.fast_linear import batched_linear, linear
 from llama_mpi.models.forward_batch import ForwardBatch
 from llama_mpi.models.gguf_file import GGUFFile
 from llama_mpi.models.kv_cache import LatentKVPool
+from llama_mpi.models.latent_attention import RowContexts, available, latent_attention
 from llama_mpi.models.layers import rms_norm
 from llama_mpi.models.rope import apply_rope
 
@@ -90,16 +91,37 @@ class MLAttention:
         pool.write(self.layer, batch.slot_mapping, torch.cat([c_kv, k_pe], dim=-1))
         out = torch.empty(T, self.n_heads, cfg.v_head_dim, dtype=x.dtype, device=x.device)
         starts = batch.query_start.tolist()
+        spans = list(zip(starts[:-1], starts[1:], strict=True))
+        absorb = [self.absorbed and e - s <= self.absorb_max_queries for s, e in spans]
         cache = pool.layer(self.layer)
-        for b, slots in enumerate(batch.context_slots(pool.block_size)):
-            s, e = starts[b], starts[b + 1]
-            latent = cache[slots]
-            if self.absorbed and e - s <= self.absorb_max_queries:
+        fast = any(absorb) and available(x.dtype, x.device)
+        if fast:  # every absorbed row of the batch in one kernel call, straight from the pool
+            ctx = batch.row_contexts(pool.block_size)
+            if all(absorb):
+                return linear(self._absorbed_rows(q_nope, q_pe, cache, ctx).flatten(1), w["o"])
+            rows = torch.cat([torch.arange(s, e) for (s, e), a in zip(spans, absorb, strict=True)
+                              if a])
+            ctx = RowContexts(ctx.slots, ctx.start[rows], ctx.length[rows])
+            out[rows] = self._absorbed_rows(q_nope[rows], q_pe[rows], cache, ctx)
+        context = batch.context_slots(pool.block_size)
+        for b, (s, e) in enumerate(spans):
+            if fast and absorb[b]:
+                continue
+            latent = cache[context[b]]
+            if absorb[b]:
                 q_abs = batched_linear(q_nope[s:e].transpose(0, 1), w["k_b"]).transpose(0, 1)
                 out[s:e] = self._absorbed(q_abs, q_pe[s:e], latent)
             else:
                 out[s:e] = self._naive(q_nope[s:e], q_pe[s:e], latent)
         return linear(out.flatten(1), w["o"])
+
+    def _absorbed_rows(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                       ctx: RowContexts) -> torch.Tensor:
+        """Absorbed attention of any rows of any sequences via the C kernel: [R, h, Dv]."""
+        q_abs = batched_linear(q_nope.transpose(0, 1), self.w["k_b"]).transpose(0, 1)
+        q = torch.cat([q_abs, q_pe.to(q_abs.dtype)], dim=-1)
+        o_lat = latent_attention(q, cache, ctx, self.cfg.kv_lora_rank, self.cfg.softmax_scale)
+        return batched_linear(o_lat.transpose(0, 1), self.w["v_b"]).transpose(0, 1)
 
     def _scores_softmax(self, scores: torch.Tensor) -> torch.Tensor:
         """Causal softmax over ``[h, q, L]`` scores; the q new tokens are the last of L."""

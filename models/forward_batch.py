@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from llama_mpi.models.latent_attention import RowContexts
+
 
 @dataclass
 class ForwardBatch:
@@ -51,6 +53,24 @@ class ForwardBatch:
                 slots.append(self.block_tables[b][pos // block_size] * block_size
                              + pos % block_size)
             cached = self.__dict__["_context_slots"] = (block_size, slots)
+        return cached[1]
+
+    def row_contexts(self, block_size: int) -> RowContexts:
+        """Per query row, its sequence's context slots up to and including its own position
+        (cached on the batch, like ``context_slots``)."""
+        cached = self.__dict__.get("_row_contexts")
+        if cached is None or cached[0] != block_size:
+            slots = self.context_slots(block_size)
+            q_lens = self.query_start[1:] - self.query_start[:-1]
+            seq_start = torch.zeros_like(self.context_lens)
+            seq_start[1:] = self.context_lens.cumsum(0)[:-1]
+            seq = torch.repeat_interleave(torch.arange(self.num_seqs), q_lens.cpu())
+            seq = seq.to(self.query_start.device)
+            index = torch.arange(self.num_tokens, device=seq.device) - self.query_start[seq]
+            length = self.context_lens[seq] - q_lens[seq] + 1 + index
+            flat = torch.cat(slots) if slots else torch.zeros(0, dtype=torch.int64)
+            cached = self.__dict__["_row_contexts"] = (
+                block_size, RowContexts(flat, seq_start[seq].contiguous(), length.contiguous()))
         return cached[1]
 
     @staticmethod

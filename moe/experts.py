@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from llama_mpi.models.fast_linear import grouped_matmul, linear
 from llama_mpi.models.gguf_file import GGUFFile
+from llama_mpi.moe.combine import weighted_scatter_add
 
 
 class Experts(ABC):
@@ -92,7 +93,7 @@ class FusedExperts(Experts):
                 ys[start : start + counts[e]] = self.expert(xs[start : start + counts[e]], e)
                 start += counts[e]
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        return out.index_add_(0, tokens, ys.float() * weights.flatten()[pair, None])
+        return weighted_scatter_add(out, tokens, ys, weights.flatten()[pair])
 
     def _few(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decode-sized batches: one sync for the routing, then each chosen expert once over
@@ -114,7 +115,7 @@ class FusedExperts(Experts):
         if y is not None:
             ws = torch.tensor([w for e in experts for w in groups[e][1]], dtype=torch.float32)
             idx = torch.tensor(toks, dtype=torch.int64, device=x.device)
-            return out.index_add_(0, idx, y.float() * ws[:, None])
+            return weighted_scatter_add(out, idx, y, ws)
         for e, (toks, ws) in groups.items():
             y = self.expert(x[toks], e).float()
             if len(toks) == 1:

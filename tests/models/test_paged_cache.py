@@ -94,3 +94,31 @@ def test_bfloat16_token_by_token_decoding_follows_transformers(reference):
     got_all = torch.cat(got)
     assert (got_all.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
     assert (got_all - want).abs().max().item() <= 0.25  # bf16 activations: ~1e-2 relative
+
+
+def test_bfloat16_mixed_batch_follows_transformers(reference):
+    """One bf16 step holding two decode rows, a short chunk (absorbed: the attention kernel
+    where the CPU has it) and a long chunk (naive): each sequence's logits against
+    transformers in float32 on the same bf16-rounded weights."""
+    from .hf_reference import load_dequantized
+
+    hf, path = reference("full", "bf16", "mla")
+    deq = type(hf)(hf.config).eval()
+    load_dequantized(deq, path)
+    model = load_model(path)
+    for block in model.blocks:
+        block.attn.absorb_max_queries = 4  # the 9-token chunk below goes naive
+    a, b, c = SEQS
+    d = SEQS[0][::-1]
+    ta, tb, tc, td = [0, 3, 6, 9, 12], [1, 4], [2, 5, 8, 11], [7, 10, 13, 14, 15]
+    pool = model.make_kv_pool(24, 4)
+    model(ForwardBatch.build([(a[:-1], 0, ta), (b[:-1], 0, tb), (c[:6], 0, tc),
+                              (d[:3], 0, td)], 4), pool)
+    step = ForwardBatch.build([([a[-1]], len(a) - 1, ta), ([b[-1]], len(b) - 1, tb),
+                               (c[6:9], 6, tc), (d[3:12], 3, td)], 4, all_logits=True)
+    out = model(step, pool)
+    want = torch.cat([hf_logits(deq, a)[-1:], hf_logits(deq, b)[-1:], hf_logits(deq, c)[6:9],
+                      hf_logits(deq, d)[3:12]])
+    assert out.shape == want.shape
+    assert (out.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
+    assert (out - want).abs().max().item() <= 0.25  # bf16 activations: ~1e-2 relative
