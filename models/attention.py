@@ -75,7 +75,7 @@ class MLAttention:
         return sum(t.numel() for t in self.w.values()) - rep, rep
 
     def __call__(self, x: torch.Tensor, batch: ForwardBatch, pool: LatentKVPool,
-                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                 rot: torch.Tensor) -> torch.Tensor:
         cfg, w, T = self.cfg, self.w, x.shape[0]
         C, Dn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
         if "q" in w:
@@ -84,10 +84,10 @@ class MLAttention:
             qa = rms_norm(linear(x, w["q_a"]), w["q_a_norm"], cfg.rms_norm_eps)
             q = linear(qa, w["q_b"])
         q = q.view(T, self.n_heads, cfg.qk_head_dim)
-        q_nope, q_pe = q[..., :Dn], apply_rope(q[..., Dn:], cos, sin)
+        q_nope, q_pe = q[..., :Dn], apply_rope(q[..., Dn:], rot)
         kv = linear(x, w["kv_a"])
         c_kv = rms_norm(kv[:, :C], w["kv_a_norm"], cfg.rms_norm_eps)
-        k_pe = apply_rope(kv[:, C:].unsqueeze(1), cos, sin).squeeze(1)
+        k_pe = apply_rope(kv[:, C:].unsqueeze(1), rot).squeeze(1)
         pool.write(self.layer, batch.slot_mapping, torch.cat([c_kv, k_pe], dim=-1))
         out = torch.empty(T, self.n_heads, cfg.v_head_dim, dtype=x.dtype, device=x.device)
         starts = batch.query_start.tolist()

@@ -56,7 +56,7 @@ class Block:
         self.attn_norm, self.ffn_norm, self.opts = attn_norm, ffn_norm, opts
 
     def __call__(self, x: torch.Tensor, batch: ForwardBatch, pool: LatentKVPool,
-                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                 rot: torch.Tensor) -> torch.Tensor:
         eps, all_reduce = self.cfg.rms_norm_eps, self.opts.all_reduce
 
         def reduce(partial: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ class Block:
             return all_reduce(partial.float())
 
         h = rms_norm(x, self.attn_norm, eps)
-        x = x + reduce(self.attn(h, batch, pool, cos, sin))
+        x = x + reduce(self.attn(h, batch, pool, rot))
         h = rms_norm(x, self.ffn_norm, eps)
         if isinstance(self.ffn, SwiGLU):
             return x + reduce(self.ffn(h))
@@ -134,13 +134,13 @@ class DeepseekV2:
         batch = batch.to(dev)
         # the residual stream stays float32 (as in llama.cpp); matmuls run in the compute dtype
         x = F.embedding(batch.input_ids, self.embed).float()
-        cos_sin = {dev: self.rope[dev].cos_sin(batch.positions)}
+        rot = {dev: self.rope[dev].rotations(batch.positions)}
         for block, d in zip(self.blocks, self.devices, strict=True):
             if d != x.device:  # layer split: hand the activations to the next device
                 x, batch = x.to(d), batch.to(d)
-            if d not in cos_sin:
-                cos_sin[d] = self.rope[d].cos_sin(batch.positions)
-            x = block(x, batch, pool, *cos_sin[d])
+            if d not in rot:
+                rot[d] = self.rope[d].rotations(batch.positions)
+            x = block(x, batch, pool, rot[d])
         if not logits and not self.vocab_parallel:
             return None
         x = rms_norm(x[batch.logits_indices], self.norm, self.cfg.rms_norm_eps)

@@ -8,6 +8,8 @@ every call is plain ``F.linear``.
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 
@@ -55,8 +57,7 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, idx: list[int], counts: lis
         return None
     x = x.contiguous()
     ids = torch.tensor(idx, dtype=torch.int64)
-    starts = torch.zeros(len(counts) + 1, dtype=torch.int64)
-    starts[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    starts = torch.tensor([0, *accumulate(counts)], dtype=torch.int64)
     y = torch.empty(x.shape[0], w.shape[1], dtype=torch.bfloat16)
     kernel().grouped_bf16_matmul(w.data_ptr(), ids.data_ptr(), starts.data_ptr(),
                                  x.data_ptr(), y.data_ptr(), len(counts), w.shape[1],

@@ -12,8 +12,7 @@ from llama_mpi.models.gguf_file import GGUFFile
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # normalise in float32, multiply by the weight in the compute dtype (as transformers);
     # the result is in the weight's dtype even when the residual stream is float32
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xf = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
     return weight * xf.to(weight.dtype)
 
 

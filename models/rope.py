@@ -38,34 +38,30 @@ def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """Precomputed cos/sin per position; grows on demand."""
+    """Precomputed rotations ``cos + i sin`` per position (complex64); grows on demand."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu") -> None:
         self.inv_freq = inv_frequencies(cfg).to(device)
-        self._cos = torch.empty(0, self.inv_freq.numel(), device=device)
-        self._sin = self._cos
+        self._cis = torch.empty(0, self.inv_freq.numel(), dtype=torch.complex64, device=device)
 
     def _ensure(self, n: int) -> None:
-        if n <= self._cos.shape[0]:
+        if n <= self._cis.shape[0]:
             return
-        n = max(n, 2 * self._cos.shape[0], 256)
+        n = max(n, 2 * self._cis.shape[0], 256)
         pos = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
-        freqs = torch.outer(pos, self.inv_freq)
-        self._cos, self._sin = freqs.cos(), freqs.sin()
+        self._cis = torch.polar(torch.ones(n, self.inv_freq.numel()),
+                                torch.outer(pos, self.inv_freq))
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[T, dim/2]`` cos and sin (float32) for ``positions`` ([T])."""
+    def rotations(self, positions: torch.Tensor) -> torch.Tensor:
+        """``[T, dim/2]`` complex rotations for ``positions`` ([T])."""
         self._ensure(int(positions.max()) + 1 if positions.numel() else 1)
-        positions = positions.to(self._cos.device)
-        return self._cos[positions], self._sin[positions]
+        return self._cis[positions.to(self._cis.device)]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of the last dim of ``x`` ([T, ..., dim]); cos/sin are ``[T, dim/2]``."""
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of the last dim of ``x`` ([T, ..., dim]) by ``rot`` ([T, dim/2]) in
+    float32: the pair (a, b) is the complex number a + ib (one multiply, few ops per call)."""
     shape = x.shape
-    xf = x.float().reshape(shape[0], -1, shape[-1] // 2, 2)
-    c = cos.view(shape[0], 1, -1)
-    s = sin.view(shape[0], 1, -1)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+    xc = torch.view_as_complex(x.float().reshape(shape[0], -1, shape[-1] // 2, 2))
+    out = torch.view_as_real(xc * rot.view(shape[0], 1, -1))
     return out.reshape(shape).to(x.dtype)
