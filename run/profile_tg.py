@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Profile decode (tg) steps of one sequence with torch.profiler; print the top ops.
+"""Profile decode (tg) steps with torch.profiler; print the top ops and the time per part.
 
-    .venv/bin/python run/profile_tg.py --model X.gguf [-n 8] [--ctx 128] [-t 2] [--top 25]
-        [--trace /tmp/bench/tg-trace.json]
+    .venv/bin/python run/profile_tg.py --model X.gguf [-n 8] [--ctx 128] [--seqs 1] [-t 2]
+        [--top 25] [--trace /tmp/bench/tg-trace.json]
 
-Prefills --ctx tokens (unprofiled), runs 2 warm-up decode steps, then profiles -n decode
-steps. Prints ops by self CPU time, and the time per model part (record_function scopes
-are not in the model, so parts are attributed by module via a wrapper around each block's
-attention / FFN / the LM head).
+Prefills --ctx tokens for each of --seqs sequences (unprofiled), runs 2 warm-up decode steps
+of all of them together, then profiles -n such steps. Prints ops by self CPU time, and the
+time per model part (record_function scopes are not in the model, so parts are attributed
+by module via a wrapper around each block's attention / FFN / MoE parts). The C kernels are
+not aten ops: their time shows only inside the parts; "kernels" times every call into them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("-m", "--model", required=True)
     ap.add_argument("-n", "--steps", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--seqs", type=int, default=1, help="sequences decoded together per step")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--trace", default=None)
@@ -38,12 +40,15 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
-    bs = 16
+    kernel_time = _time_kernels()
+    bs, B = 16, args.seqs
     total = args.ctx + args.steps + 4
-    table = list(range(-(-total // bs)))
-    pool = model.make_kv_pool(len(table), bs)
+    per_seq = -(-total // bs)
+    tables = [list(range(b * per_seq, (b + 1) * per_seq)) for b in range(B)]
+    pool = model.make_kv_pool(B * per_seq, bs)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.cfg.vocab_size, (total,), generator=g).tolist()
+    ids = [torch.randint(0, model.cfg.vocab_size, (total,), generator=g).tolist()
+           for _ in range(B)]
 
     # scope labels per part of a block (wrappers only; the model code is untouched)
     for b in model.blocks:
@@ -57,20 +62,28 @@ def main(argv=None) -> int:
                     setattr(m, sub, _Wrapped(getattr(m, sub), f"part::moe.{sub}",
                                              record_function))
 
-    model(ForwardBatch.build([(ids[: args.ctx], 0, table)], bs), pool)
+    for b in range(B):
+        model(ForwardBatch.build([(ids[b][: args.ctx], 0, tables[b])], bs), pool)
     pos = args.ctx
-    for _ in range(2):
-        model(ForwardBatch.build([([ids[pos]], pos, table)], bs), pool)
+
+    def step() -> None:
+        nonlocal pos
+        model(ForwardBatch.build([([ids[b][pos]], pos, tables[b]) for b in range(B)], bs), pool)
         pos += 1
-    t0 = time.perf_counter()
+
+    for _ in range(2):
+        step()
+    kernel_time[0] = 0.0
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        t0 = time.perf_counter()
         for _ in range(args.steps):
             with record_function("step"):
-                model(ForwardBatch.build([([ids[pos]], pos, table)], bs), pool)
-            pos += 1
-    wall = time.perf_counter() - t0
-    print(f"{args.steps} decode steps at context {args.ctx}: {1000 * wall / args.steps:.1f} "
-          f"ms/step under the profiler ({os.getloadavg()[0]:.2f} load)")
+                step()
+        wall = time.perf_counter() - t0
+    print(f"{args.steps} decode steps of {B} sequence(s) at context {args.ctx}: "
+          f"{1000 * wall / args.steps:.1f} ms/step under the profiler, of which "
+          f"{1000 * kernel_time[0] / args.steps:.1f} ms in the C kernels "
+          f"({os.getloadavg()[0]:.2f} load)")
     ka = prof.key_averages()
     print(ka.table(sort_by="self_cpu_time_total", row_limit=args.top))
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total",
@@ -84,6 +97,28 @@ def main(argv=None) -> int:
         prof.export_chrome_trace(args.trace)
         print(f"trace: {args.trace}", file=sys.stderr)
     return 0
+
+
+def _time_kernels() -> list[float]:
+    """Wrap every C kernel entry point with a timer; returns the running total (seconds)."""
+    from llama_mpi.models import cpu_kernels
+
+    lib, total = cpu_kernels.kernel(), [0.0]
+    if lib is None:
+        return total
+
+    class Timed:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+
+            def call(*a):
+                t = time.perf_counter()
+                fn(*a)
+                total[0] += time.perf_counter() - t
+            return call
+
+    cpu_kernels._LIB = Timed()
+    return total
 
 
 class _Wrapped:
