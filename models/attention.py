@@ -12,6 +12,7 @@ output-projection sum.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from llama_mpi.models.config import ModelConfig
 from llama_mpi.models.fast_linear import batched_linear, linear
@@ -148,7 +149,9 @@ class MLAttention:
         C = self.cfg.kv_lora_rank
         c_kv, k_pe = latent[:, :C], latent[:, C:]
         k_nope = torch.einsum("lc,hcd->hld", c_kv, self.w["k_b"])
-        v = torch.einsum("lc,hvc->hlv", c_kv, self.w["v_b"])
+        v_b = self.w["v_b"]  # [h, Dv, C]: one plain matmul over its rows, no weight copy
+        v = F.linear(c_kv, v_b.reshape(-1, C)).view(c_kv.shape[0], v_b.shape[0], -1)
+        v = v.transpose(0, 1)
         k = torch.cat([k_nope, k_pe.unsqueeze(0).expand(k_nope.shape[0], -1, -1)], dim=-1)
         qh = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [h, q, Dk]
         probs = self._scores_softmax(torch.matmul(qh, k.transpose(1, 2)))

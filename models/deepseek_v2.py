@@ -60,8 +60,9 @@ class Block:
         eps, all_reduce = self.cfg.rms_norm_eps, self.opts.all_reduce
 
         def reduce(partial: torch.Tensor) -> torch.Tensor:
-            # sum TP partials in float32: the residual stream is float32 anyway
-            return all_reduce(partial.float())
+            # sum TP partials in float32: the residual stream is float32 anyway (alone, the
+            # add below promotes the partial to float32 without a separate copy)
+            return partial if all_reduce is _identity else all_reduce(partial.float())
 
         h = rms_norm(x, self.attn_norm, eps)
         x = x + reduce(self.attn(h, batch, pool, rot))

@@ -96,12 +96,17 @@ def test_bfloat16_token_by_token_decoding_follows_transformers(reference):
     assert (got_all - want).abs().max().item() <= 0.25  # bf16 activations: ~1e-2 relative
 
 
-def test_bfloat16_mixed_batch_follows_transformers(reference):
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
+def test_bfloat16_mixed_batch_follows_transformers(reference, monkeypatch, kernels):
     """One bf16 step holding two decode rows, a short chunk (absorbed: the attention kernel
-    where the CPU has it) and a long chunk (naive): each sequence's logits against
-    transformers in float32 on the same bf16-rounded weights."""
+    where the CPU has it, else torch per sequence) and a long chunk (naive): each sequence's
+    logits against transformers in float32 on the same bf16-rounded weights."""
+    from llama_mpi.models import attention
+
     from .hf_reference import load_dequantized
 
+    if not kernels:
+        monkeypatch.setattr(attention, "available", lambda dtype, device: False)
     hf, path = reference("full", "bf16", "mla")
     deq = type(hf)(hf.config).eval()
     load_dequantized(deq, path)
