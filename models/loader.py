@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType as QT
 from llama_mpi.models.config import ModelConfig, config_from_metadata
 from llama_mpi.models.deepseek_v2 import DeepseekV2, RuntimeOptions
 from llama_mpi.models.gguf_file import GGUFFile
+from llama_mpi.models.host_allocator import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,11 @@ def open_model_file(path: str | Path, group_scoring: str = "auto", use_mmap: boo
 
 def load_model(path: str | Path, dtype: str = "auto", group_scoring: str = "auto",
                use_mmap: bool = True, **options: object) -> DeepseekV2:
-    """Load the model (or this rank's shard of it); ``options`` go to ``RuntimeOptions``."""
+    """Load the model (or this rank's shard of it); ``options`` go to ``RuntimeOptions``.
+
+    Also tunes this process's host allocator for step-sized temporaries (host_allocator)."""
     t0 = time.perf_counter()
+    keep_freed_memory()
     gf, cfg = open_model_file(path, group_scoring, use_mmap)
     device = torch.device(options.get("device", "cpu"))  # type: ignore[arg-type]
     opts = RuntimeOptions(dtype=compute_dtype(dtype, gf, device), **options)  # type: ignore[arg-type]
