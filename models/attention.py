@@ -85,14 +85,13 @@ class MLAttention:
             qa = rms_norm(linear(x, w["q_a"]), w["q_a_norm"], cfg.rms_norm_eps)
             q = linear(qa, w["q_b"])
         q = q.view(T, self.n_heads, cfg.qk_head_dim)
-        q_nope, q_pe = q[..., :Dn], apply_rope(q[..., Dn:], rot)
         kv = linear(x, w["kv_a"])
         c_kv = rms_norm(kv[:, :C], w["kv_a_norm"], cfg.rms_norm_eps)
-        k_pe = apply_rope(kv[:, C:].unsqueeze(1), rot).squeeze(1)
+        # the shared key's rope part rides along with the query heads: one rotation call
+        pe = apply_rope(torch.cat([q[..., Dn:], kv[:, None, C:]], dim=1), rot)
+        q_nope, q_pe, k_pe = q[..., :Dn], pe[:, :-1], pe[:, -1]
         pool.write(self.layer, batch.slot_mapping, torch.cat([c_kv, k_pe], dim=-1))
-        out = torch.empty(T, self.n_heads, cfg.v_head_dim, dtype=x.dtype, device=x.device)
-        starts = batch.query_start.tolist()
-        spans = list(zip(starts[:-1], starts[1:], strict=True))
+        spans = batch.spans()
         absorb = [self.absorbed and e - s <= self.absorb_max_queries for s, e in spans]
         cache = pool.layer(self.layer)
         fast = any(absorb) and available(x.dtype, x.device)
@@ -100,6 +99,8 @@ class MLAttention:
             ctx = batch.row_contexts(pool.block_size)
             if all(absorb):
                 return linear(self._absorbed_rows(q_nope, q_pe, cache, ctx).flatten(1), w["o"])
+        out = torch.empty(T, self.n_heads, cfg.v_head_dim, dtype=x.dtype, device=x.device)
+        if fast:
             rows = torch.cat([torch.arange(s, e) for (s, e), a in zip(spans, absorb, strict=True)
                               if a])
             ctx = RowContexts(ctx.slots, ctx.start[rows], ctx.length[rows])

@@ -2,7 +2,8 @@
 
 The sources next to this file (``bf16_gemv.c``: skinny bf16 matmuls for decode;
 ``moe_combine.c``: the weighted scatter-add that sums routed-expert outputs;
-``mla_attention.c``: absorbed MLA attention over the paged latent pool) are compiled by
+``mla_attention.c``: absorbed MLA attention over the paged latent pool; ``rms_norm.c``;
+``swiglu.c``: the SwiGLU activation) are compiled by
 the system C compiler into one shared library under ``~/.cache/llama-mpi/kernels`` (named by
 a hash of the sources and flags, written atomically: ranks may race here), loaded with ctypes
 and run on torch's own OpenMP threads. Without a compiler, without AVX512-BF16, or with
@@ -23,7 +24,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(n) for n in ("bf16_gemv.c", "moe_combine.c",
-                                                 "mla_attention.c")]
+                                                 "mla_attention.c", "rms_norm.c",
+                                                 "swiglu.c")]
 CACHE = Path(os.environ.get("LLAMA_MPI_KERNEL_CACHE", "~/.cache/llama-mpi/kernels")).expanduser()
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -33,6 +35,8 @@ _SIGNATURES = {  # name: argument types (every kernel returns void; the last int
     "batched_skinny_bf16_matmul": [_P] * 3 + [_I] * 4 + [ctypes.c_int],
     "weighted_scatter_add_bf16": [_P] * 4 + [_I] * 2 + [ctypes.c_int],
     "mla_attention_bf16": [_P] * 6 + [_I] * 4 + [ctypes.c_float, ctypes.c_int],
+    "rms_norm_bf16": [_P, ctypes.c_int, _I, _P, _P, _I, _I, ctypes.c_float, ctypes.c_int],
+    "silu_mul_bf16": [_P, _P, _I, _I, ctypes.c_int],
 }
 
 

@@ -42,6 +42,14 @@ class ForwardBatch:
     def to(self, device: torch.device | str) -> ForwardBatch:
         return ForwardBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    def spans(self) -> list[tuple[int, int]]:
+        """Per sequence, its rows ``(start, end)`` of the batch (cached on the batch)."""
+        cached = self.__dict__.get("_spans")
+        if cached is None:
+            starts = self.query_start.tolist()
+            cached = self.__dict__["_spans"] = list(zip(starts[:-1], starts[1:], strict=True))
+        return cached
+
     def context_slots(self, block_size: int) -> list[torch.Tensor]:
         """Per sequence, the pool slots of its whole context; computed once per step and
         shared by every layer (cached on the batch)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llama_mpi.models.cpu_kernels import kernel
 from llama_mpi.models.fast_linear import linear
 from llama_mpi.models.gguf_file import GGUFFile
 
@@ -12,8 +13,29 @@ from llama_mpi.models.gguf_file import GGUFFile
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # normalise in float32, multiply by the weight in the compute dtype (as transformers);
     # the result is in the weight's dtype even when the residual stream is float32
+    if (weight.dtype is torch.bfloat16 and x.dim() == 2 and x.stride(-1) == 1
+            and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+            and weight.is_contiguous() and kernel() is not None):
+        y = torch.empty(x.shape, dtype=torch.bfloat16)
+        kernel().rms_norm_bf16(x.data_ptr(), int(x.dtype is torch.bfloat16), x.stride(0),
+                               weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps,
+                               torch.get_num_threads())
+        return y
     xf = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
     return weight * xf.to(weight.dtype)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up`` [R, 2F] (gate columns, then up): [R, F]."""
+    if (gate_up.dtype is torch.bfloat16 and gate_up.dim() == 2 and gate_up.is_contiguous()
+            and gate_up.device.type == "cpu" and kernel() is not None):
+        rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+        y = torch.empty(rows, width, dtype=torch.bfloat16)
+        kernel().silu_mul_bf16(gate_up.data_ptr(), y.data_ptr(), rows, width,
+                               torch.get_num_threads())
+        return y
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class SwiGLU:
@@ -41,8 +63,7 @@ class SwiGLU:
         return cls(gate_up, down)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.down)
+        return linear(silu_mul(linear(x, self.gate_up)), self.down)
 
     def num_params(self) -> int:
         return self.gate_up.numel() + self.down.numel()

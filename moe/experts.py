@@ -11,10 +11,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
-import torch.nn.functional as F
 
 from llama_mpi.models.fast_linear import grouped_matmul, linear
 from llama_mpi.models.gguf_file import GGUFFile
+from llama_mpi.models.layers import silu_mul
 from llama_mpi.moe.combine import weighted_scatter_add
 
 
@@ -46,8 +46,7 @@ class Experts(ABC):
         return self.gate_up.numel() + self.down.numel()
 
     def expert(self, x: torch.Tensor, local: int) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up[local]).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.down[local])
+        return linear(silu_mul(linear(x, self.gate_up[local])), self.down[local])
 
     @abstractmethod
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -132,8 +131,7 @@ class FusedExperts(Experts):
         gate_up = grouped_matmul(xs, self.gate_up, experts, counts)
         if gate_up is None:
             return None
-        gate, up = gate_up.chunk(2, dim=-1)
-        return grouped_matmul((F.silu(gate) * up).contiguous(), self.down, experts, counts)
+        return grouped_matmul(silu_mul(gate_up), self.down, experts, counts)
 
 def make_experts(fused: bool) -> type[Experts]:
     return FusedExperts if fused else LoopExperts
