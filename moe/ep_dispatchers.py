@@ -53,11 +53,12 @@ class AllToAllDispatcher(Dispatcher):
         pair_token = order // k  # row in this rank's share
         send_x = x[lo:hi][pair_token]
         recv_x, recv_counts = comm.all_to_all(send_x, send_counts)
+        # the same counts again, and then in reverse: no further exchange of counts
         recv_ids, _ = comm.all_to_all(pair_expert[order].to(torch.int32).unsqueeze(1),
-                                      send_counts)
+                                      send_counts, recv_counts)
         ones = torch.ones(recv_x.shape[0], 1, dtype=torch.float32, device=x.device)
         y = experts(recv_x, recv_ids.long(), ones)  # one output row per received pair
-        back, _ = comm.all_to_all(y.to(x.dtype), recv_counts)  # rows return in send order
+        back, _ = comm.all_to_all(y.to(x.dtype), recv_counts, send_counts)  # in send order
         back = back.float() * weights[lo:hi].flatten()[order, None]
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         out[lo:hi].index_add_(0, pair_token, back)

@@ -41,18 +41,26 @@ class Communicator(ABC):
         """Concatenate every rank's `t` (same shape on all ranks) along `dim`, rank order."""
         return self._guarded("all_gather", self._all_gather, t, dim)
 
-    def all_to_all(self, t: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+    def all_to_all(self, t: torch.Tensor, send_counts: list[int],
+                   recv_counts: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
         """Send rows `t[off_d : off_d + send_counts[d]]` to rank d (counts may be 0).
 
         Returns the received rows concatenated in source-rank order and the row count
-        received from each source.
+        received from each source. `recv_counts`, when the caller already knows them (a
+        reply to an earlier exchange, or a second payload with the same counts), saves the
+        exchange of counts; they must match what the peers send.
         """
         counts = [int(c) for c in send_counts]
         if len(counts) != self.world_size or min(counts, default=0) < 0:
             raise ValueError(f"send_counts must be {self.world_size} counts >= 0, got {counts}")
         if t.dim() == 0 or sum(counts) != t.shape[0]:
             raise ValueError(f"send_counts sum {sum(counts)} != rows {tuple(t.shape)[:1]}")
-        return self._guarded("all_to_all", self._all_to_all, t, counts)
+        if recv_counts is not None:
+            recv_counts = [int(c) for c in recv_counts]
+            if len(recv_counts) != self.world_size or min(recv_counts, default=0) < 0:
+                raise ValueError(f"recv_counts must be {self.world_size} counts >= 0, got "
+                                 f"{recv_counts}")
+        return self._guarded("all_to_all", self._all_to_all, t, counts, recv_counts)
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
         """Return root's picklable `obj` on every rank."""
@@ -82,7 +90,7 @@ class Communicator(ABC):
 
     @abstractmethod
     def _all_to_all(
-        self, t: torch.Tensor, send_counts: list[int]
+        self, t: torch.Tensor, send_counts: list[int], recv_counts: list[int] | None
     ) -> tuple[torch.Tensor, list[int]]: ...
 
     @abstractmethod
@@ -117,7 +125,8 @@ class SingleProcessCommunicator(Communicator):
     def _all_gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         return t
 
-    def _all_to_all(self, t: torch.Tensor, send_counts: list[int]):
+    def _all_to_all(self, t: torch.Tensor, send_counts: list[int],
+                    recv_counts: list[int] | None):
         return t, list(send_counts)
 
     def _broadcast_object(self, obj: Any, root: int) -> Any:

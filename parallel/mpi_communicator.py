@@ -76,11 +76,15 @@ class MPICommunicator(Communicator):
             gathered = torch.cat(out.unbind(0), dim=dim)
         return gathered.to(t.device)
 
-    def _all_to_all(self, t: torch.Tensor, send_counts: list[int]):
+    def _all_to_all(self, t: torch.Tensor, send_counts: list[int],
+                    recv_counts: list[int] | None):
         send_np = np.asarray(send_counts, dtype=np.int64)
-        recv_np = np.empty(self.world_size, dtype=np.int64)
-        self.comm.Alltoall([send_np, MPI.INT64_T], [recv_np, MPI.INT64_T])
-        recv_counts = recv_np.tolist()
+        if recv_counts is None:
+            recv_np = np.empty(self.world_size, dtype=np.int64)
+            self.comm.Alltoall([send_np, MPI.INT64_T], [recv_np, MPI.INT64_T])
+            recv_counts = recv_np.tolist()
+        else:
+            recv_np = np.asarray(recv_counts, dtype=np.int64)
         host = _host(t)
         out = torch.empty((sum(recv_counts), *host.shape[1:]), dtype=host.dtype)
         row_elems = int(np.prod(host.shape[1:], dtype=np.int64))

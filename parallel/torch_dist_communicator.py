@@ -100,11 +100,13 @@ class TorchDistCommunicator(Communicator):
             return out
         return torch.cat(out.chunk(self.world_size, dim=0), dim=dim)
 
-    def _all_to_all(self, t: torch.Tensor, send_counts: list[int]):
-        send = torch.tensor(send_counts, dtype=torch.int64, device=self.device)
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send)
-        recv_counts = recv.tolist()  # host sync: the payload shapes depend on it
+    def _all_to_all(self, t: torch.Tensor, send_counts: list[int],
+                    recv_counts: list[int] | None):
+        if recv_counts is None:
+            send = torch.tensor(send_counts, dtype=torch.int64, device=self.device)
+            recv = torch.empty_like(send)
+            dist.all_to_all_single(recv, send)
+            recv_counts = recv.tolist()  # host sync: the payload shapes depend on it
         buf = self._on_device(t)
         out = buf.new_empty((sum(recv_counts), *buf.shape[1:]))
         dist.all_to_all_single(

@@ -12,6 +12,7 @@ CHECKS = [
     *(f"all_gather_dim{k}_{d}" for k in (0, 1) for d in ("fp32", "bf16")),
     *(f"all_to_all_{d}" for d in ("fp32", "bf16")),
     *(f"all_to_all_counts_{d}" for d in ("fp32", "bf16")),
+    *(f"all_to_all_reply{c}_{d}" for c in ("", "_counts") for d in ("fp32", "bf16")),
     "broadcast_object",
     "broadcast_fp32",
     "broadcast_bf16",

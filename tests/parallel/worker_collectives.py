@@ -65,6 +65,10 @@ def main(backend: str, seed: int) -> None:
         want = [xs[s][sum(counts[s][:r]) : sum(counts[s][: r + 1])] for s in range(world)]
         report(r, f"all_to_all_{name}", got, np.concatenate(want, axis=0).astype(np.float32))
         report(r, f"all_to_all_counts_{name}", recv_counts, [counts[s][r] for s in range(world)])
+        # the reply: received rows go back with the counts both sides know, none exchanged
+        back, back_counts = comm.all_to_all(got, recv_counts, counts[r])
+        report(r, f"all_to_all_reply_{name}", back, xs[r].astype(np.float32))
+        report(r, f"all_to_all_reply_counts_{name}", back_counts, counts[r])
 
     root = world - 1
     vals = gen(seed, root, 5).integers(0, 9, 4).tolist()
