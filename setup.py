@@ -16,7 +16,7 @@ setup(
     packages=["llama_mpi"] + [f"llama_mpi.{p}" for p in SUBPACKAGES] + ["llama_mpi.configs"],
     package_dir={"llama_mpi": "llama_mpi", **{f"llama_mpi.{p}": p for p in SUBPACKAGES},
                  "llama_mpi.configs": "configs"},
-    package_data={"llama_mpi.configs": ["*.yaml"], "llama_mpi.models": ["*.c"]},
+    package_data={"llama_mpi.configs": ["*.yaml"], "llama_mpi.models": ["*.c", "*.h"]},
     install_requires=[
         "torch>=2.3",  # install torch==2.13.0 first (README): an unpinned torch pulls CUDA
         "numpy",

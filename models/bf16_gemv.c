@@ -9,6 +9,8 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "kernel_util.h"
+
 #define MAXM 16
 
 /* Prefetch the next block of four weight rows into the last-level cache while this block
@@ -16,14 +18,6 @@
  * and then reused for every chunk of activation rows leaves the memory idle during the
  * reuse, so 8 activation rows streamed weights at ~21 GB/s instead of ~33 (measured). */
 #define PREFETCH_NEXT_BLOCK(p, k, K) _mm_prefetch((const char *)((p) + (k) + 4 * (K)), _MM_HINT_T2)
-
-static inline uint16_t to_bf16(float f) {
-    uint32_t bits;
-    __builtin_memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 /* Four weight rows against MC (<= 4) activation rows: 4 x MC accumulators stay in registers
  * and four independent weight streams keep enough loads in flight. */
@@ -67,7 +61,8 @@ static inline __attribute__((always_inline)) void block4(
         }
     }
     for (int64_t m = 0; m < MC; m++)
-        for (int r = 0; r < 4; r++) Y[m * N + n + r] = to_bf16(_mm512_reduce_add_ps(a[r][m]));
+        for (int r = 0; r < 4; r++)
+            Y[m * N + n + r] = f32_to_bf16(_mm512_reduce_add_ps(a[r][m]));
 }
 
 /* always inlined with a constant M, so the per-row accumulators live in registers */
@@ -99,10 +94,10 @@ static inline __attribute__((always_inline)) void rows_m(
                 a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_maskz_loadu_epi16(tail, w2 + kfull), x);
                 a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_maskz_loadu_epi16(tail, w3 + kfull), x);
             }
-            Y[n] = to_bf16(_mm512_reduce_add_ps(a0));
-            Y[n + 1] = to_bf16(_mm512_reduce_add_ps(a1));
-            Y[n + 2] = to_bf16(_mm512_reduce_add_ps(a2));
-            Y[n + 3] = to_bf16(_mm512_reduce_add_ps(a3));
+            Y[n] = f32_to_bf16(_mm512_reduce_add_ps(a0));
+            Y[n + 1] = f32_to_bf16(_mm512_reduce_add_ps(a1));
+            Y[n + 2] = f32_to_bf16(_mm512_reduce_add_ps(a2));
+            Y[n + 3] = f32_to_bf16(_mm512_reduce_add_ps(a3));
         }
     }
     if (M > 1) { /* blocks of four rows; activation rows in chunks of four (L1-hot reuse) */
@@ -142,8 +137,8 @@ static inline __attribute__((always_inline)) void rows_m(
             }
         }
         for (int64_t m = 0; m < M; m++) {
-            Y[m * N + n] = to_bf16(_mm512_reduce_add_ps(a0[m]));
-            Y[m * N + n + 1] = to_bf16(_mm512_reduce_add_ps(a1[m]));
+            Y[m * N + n] = f32_to_bf16(_mm512_reduce_add_ps(a0[m]));
+            Y[m * N + n + 1] = f32_to_bf16(_mm512_reduce_add_ps(a1[m]));
         }
     }
     for (; n < n1; n++) {
@@ -156,7 +151,7 @@ static inline __attribute__((always_inline)) void rows_m(
             if (tail)
                 a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(tail, w0 + kfull),
                                      (__m512bh)_mm512_maskz_loadu_epi16(tail, X + m * K + kfull));
-            Y[m * N + n] = to_bf16(_mm512_reduce_add_ps(a));
+            Y[m * N + n] = f32_to_bf16(_mm512_reduce_add_ps(a));
         }
     }
 }
@@ -175,16 +170,9 @@ void skinny_bf16_matmul(const uint16_t *W, const uint16_t *X, uint16_t *Y, int64
     if (M <= 0 || M > MAXM) return;
     #pragma omp parallel num_threads(nthreads)
     {
-        int t = 0, T = 1;
-#ifdef _OPENMP
-        extern int omp_get_thread_num(void);
-        extern int omp_get_num_threads(void);
-        t = omp_get_thread_num();
-        T = omp_get_num_threads();
-#endif
         /* contiguous row ranges (multiples of 4): each thread streams its own part of W */
-        int64_t per = ((N + T - 1) / T + 3) & ~(int64_t)3;
-        int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+        int64_t n0, n1;
+        thread_share(N, 4, &n0, &n1);
         if (n0 < n1) rows(W, X, Y, M, N, K, n0, n1);
     }
 }

@@ -27,6 +27,7 @@ SOURCES = [Path(__file__).with_name(n) for n in ("bf16_gemv.c", "moe_combine.c",
                                                  "mla_attention.c", "rms_norm.c",
                                                  "swiglu.c")]
 CACHE = Path(os.environ.get("LLAMA_MPI_KERNEL_CACHE", "~/.cache/llama-mpi/kernels")).expanduser()
+HEADERS = [Path(__file__).with_name("kernel_util.h")]  # included by the sources
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {  # name: argument types (every kernel returns void; the last int is threads)
@@ -55,7 +56,7 @@ def _build() -> ctypes.CDLL | None:
         log.info("no C compiler: decode matmuls use torch")
         return None
     digest = hashlib.sha256(" ".join(_FLAGS).encode())
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         digest.update(src.read_bytes())
     lib = CACHE / f"llama_mpi_kernels-{digest.hexdigest()[:16]}.so"
     if not lib.exists():

@@ -14,20 +14,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "kernel_util.h"
+
 #define HB 4 /* heads per work item: one pass over the keys serves four heads */
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    __builtin_memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-static inline __m512 bf16x16_to_f32(const uint16_t *p) {
-    __m256i h = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 /* One work item: heads h0 .. h0+nh-1 of query row t. s: scratch of HB * L floats. */
 static void item(const uint16_t *q, const uint16_t *kv, const int64_t *slots, int64_t L,

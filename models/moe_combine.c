@@ -10,32 +10,15 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-static inline __m512 bf16x16_to_f32(const uint16_t *p) {
-    __m256i h = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    __builtin_memcpy(&f, &bits, 4);
-    return f;
-}
+#include "kernel_util.h"
 
 /* out: [T, E] float32; y: [P, E] bf16 bit patterns; rows: [P]; w: [P] float32. */
 void weighted_scatter_add_bf16(float *out, const uint16_t *y, const int64_t *rows,
                                const float *w, int64_t P, int64_t E, int nthreads) {
     #pragma omp parallel num_threads(nthreads)
     {
-        int t = 0, T = 1;
-#ifdef _OPENMP
-        extern int omp_get_thread_num(void);
-        extern int omp_get_num_threads(void);
-        t = omp_get_thread_num();
-        T = omp_get_num_threads();
-#endif
-        int64_t per = ((E + T - 1) / T + 15) & ~(int64_t)15;
-        int64_t c0 = t * per, c1 = c0 + per < E ? c0 + per : E;
+        int64_t c0, c1;
+        thread_share(E, 16, &c0, &c1);
         for (int64_t p = 0; p < P; p++) {
             float *o = out + rows[p] * E;
             const uint16_t *yp = y + p * E;

@@ -10,20 +10,7 @@
 #include <math.h>
 #include <stdint.h>
 
-static inline uint16_t round_bf16(float f) {
-    uint32_t bits;
-    __builtin_memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-static inline float from_bf16(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    __builtin_memcpy(&f, &bits, 4);
-    return f;
-}
+#include "kernel_util.h"
 
 static void norm_row(const void *x, int x_bf16, const uint16_t *w, uint16_t *y, int64_t E,
                      float eps) {
@@ -31,13 +18,13 @@ static void norm_row(const void *x, int x_bf16, const uint16_t *w, uint16_t *y, 
     const uint16_t *xh = (const uint16_t *)x;
     double ss = 0.0; /* float64 sum: the order differs from torch's, the magnitude does not */
     for (int64_t e = 0; e < E; e++) {
-        float v = x_bf16 ? from_bf16(xh[e]) : xf[e];
+        float v = x_bf16 ? bf16_to_f32(xh[e]) : xf[e];
         ss += (double)v * v;
     }
     const float r = 1.0f / sqrtf((float)(ss / (double)E) + eps);
     for (int64_t e = 0; e < E; e++) {
-        float v = x_bf16 ? from_bf16(xh[e]) : xf[e];
-        y[e] = round_bf16(from_bf16(round_bf16(v * r)) * from_bf16(w[e]));
+        float v = x_bf16 ? bf16_to_f32(xh[e]) : xf[e];
+        y[e] = f32_to_bf16(bf16_to_f32(f32_to_bf16(v * r)) * bf16_to_f32(w[e]));
     }
 }
 

@@ -5,20 +5,7 @@
 #include <math.h>
 #include <stdint.h>
 
-static inline uint16_t round_bf16(float f) {
-    uint32_t bits;
-    __builtin_memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-static inline float from_bf16(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    __builtin_memcpy(&f, &bits, 4);
-    return f;
-}
+#include "kernel_util.h"
 
 /* gu: [R, 2F] bf16 (gate columns, then up columns); y: [R, F] bf16. */
 void silu_mul_bf16(const uint16_t *gu, uint16_t *y, int64_t R, int64_t F, int nthreads) {
@@ -27,9 +14,9 @@ void silu_mul_bf16(const uint16_t *gu, uint16_t *y, int64_t R, int64_t F, int nt
         const uint16_t *g = gu + r * 2 * F, *u = g + F;
         uint16_t *yr = y + r * F;
         for (int64_t f = 0; f < F; f++) {
-            const float x = from_bf16(g[f]);
-            const float s = from_bf16(round_bf16(x / (1.0f + expf(-x))));
-            yr[f] = round_bf16(s * from_bf16(u[f]));
+            const float x = bf16_to_f32(g[f]);
+            const float s = bf16_to_f32(f32_to_bf16(x / (1.0f + expf(-x))));
+            yr[f] = f32_to_bf16(s * bf16_to_f32(u[f]));
         }
     }
 }
