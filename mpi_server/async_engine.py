@@ -5,6 +5,11 @@ event loop keeps serving HTTP meanwhile. Submissions and aborts from the loop ar
 the thread as pending work and applied between steps (an abort is applied at once when no
 step is running); outputs go back via ``loop.call_soon_threadsafe`` into one
 ``asyncio.Queue`` per request. With nothing to do the thread sleeps on a condition variable.
+
+Waking from idle, the thread lets a burst of arrivals finish (``batch_wait_s`` without a new
+request, at most ten times that) so that prompts sent together are prefilled in one step:
+a prompt that just misses the first step otherwise waits for that whole step (seconds for a
+big prefill) and then takes a step of its own.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -40,8 +46,9 @@ def _final(request_id: str, reason: str, error: str | None = None) -> RequestOut
 
 
 class AsyncEngine(AsyncEngineAPI):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, batch_wait_s: float = 0.0) -> None:
         self.engine = engine
+        self.batch_wait_s = batch_wait_s
         self.max_model_len = engine.max_model_len
         self._cv = threading.Condition()  # guards the fields below
         self._streams: dict[str, _Stream] = {}
@@ -159,6 +166,8 @@ class AsyncEngine(AsyncEngineAPI):
                     self._cv.wait()
                 if self._stop:
                     return
+                if self._pending_adds and not self.engine.has_unfinished():
+                    self._await_burst()
                 adds, self._pending_adds = self._pending_adds, []
                 aborts, self._pending_aborts = self._pending_aborts, set()
                 # Hold the step lock before letting go of the condition, so that an abort
@@ -177,6 +186,17 @@ class AsyncEngine(AsyncEngineAPI):
             if self.engine.last_num_tokens == 0 and self.engine.has_unfinished():
                 with self._cv:  # nothing could run (should not happen): do not spin
                     self._cv.wait(timeout=0.01)
+
+    def _await_burst(self) -> None:
+        """With the condition held: wait while requests keep arriving (see the module doc)."""
+        gap = self.batch_wait_s
+        deadline = time.monotonic() + 10 * gap
+        seen = len(self._pending_adds)
+        while gap > 0 and not self._stop and time.monotonic() < deadline:
+            self._cv.wait(timeout=min(gap, deadline - time.monotonic()))
+            if len(self._pending_adds) == seen:
+                return
+            seen = len(self._pending_adds)
 
     def _apply(self, adds: list, aborts: set[str]) -> list[RequestOutput]:
         outputs = []

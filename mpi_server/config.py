@@ -32,6 +32,7 @@ _OFF_OR_POS = (lambda v: v == -1 or v > 0, "must be -1 (off) or a positive integ
 _ALL_OR_NONNEG = (lambda v: v >= -1, "must be -1 (all layers) or a non-negative integer")
 _PORT = (lambda v: 0 <= v <= 65535, "must be an integer in [0, 65535]")
 _POS_FLOAT = (lambda v: v > 0, "must be a positive number")
+_NONNEG_FLOAT = (lambda v: v >= 0, "must be a number >= 0")
 _DEFRAG = (lambda v: v == -1 or 0 <= v <= 1, "must be -1 (off) or a number in [0, 1]")
 _NONEMPTY = (lambda v: v != "", "must be a non-empty string")
 _NONEMPTY_OR_NULL = (lambda v: v is None or v != "", "must be a non-empty string or null")
@@ -95,6 +96,9 @@ class ServerConfig:
     max_queue: int = _k(256, "int", "waiting requests before HTTP 503", _POSITIVE)
     vocab_parallel: bool = _k(True, "bool", "split the LM head over ranks (MPI; measured faster)")
     prefix_caching: bool = _k(True, "bool", "reuse KV blocks of shared prompt prefixes")
+    batch_wait_ms: float = _k(2.0, "float", "when idle, wait for a burst of requests to end "
+                              "(this long without a new one, at most 10x) before the first "
+                              "step; 0 = start at once", _NONNEG_FLOAT)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}

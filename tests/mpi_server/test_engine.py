@@ -353,3 +353,21 @@ def test_with_the_real_sampler_tokenizer_and_detokenizer() -> None:
     again = run_to_completion(Engine(ex, tok, EngineConfig(n_parallel=2)), reqs)
     assert again["seeded"][0] == res["seeded"][0]  # per-request seeded generator
     assert again["greedy"][2].cached_prompt_tokens == 0  # a fresh engine, a fresh cache
+
+
+@pytest.mark.parametrize("wait_s,first_step_prompts", [(0.05, 2), (0.0, 1)])
+def test_async_idle_engine_batches_a_burst_of_prompts(wait_s, first_step_prompts) -> None:
+    """Waking from idle, the engine lets a burst finish so its prompts share the first step;
+    with batch_wait 0 it starts with the first prompt alone."""
+    async def main():
+        ex = slowed(FakeExecutor(banned=(EOS,)))
+        eng = AsyncEngine(make_engine(ex, n_parallel=4), batch_wait_s=wait_s)
+        first = asyncio.create_task(collect(eng, "a", [2, 3, 4, 5], SamplingParams(max_tokens=2)))
+        await asyncio.sleep(0.01)  # the second prompt of the burst, 10 ms later
+        second = asyncio.create_task(collect(eng, "b", [6, 7, 8], SamplingParams(max_tokens=2)))
+        await first, await second
+        await eng.shutdown(drain_timeout=0.1)
+        return ex
+
+    ex = asyncio.run(main())
+    assert ex.batch_sizes[0] == (7 if first_step_prompts == 2 else 4)
