@@ -30,7 +30,8 @@ CACHE = Path(os.environ.get("LLAMA_MPI_KERNEL_CACHE", "~/.cache/llama-mpi/kernel
 HEADERS = [Path(__file__).with_name("kernel_util.h")]  # included by the sources
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-_SIGNATURES = {  # name: argument types (every kernel returns void; the last int is threads)
+_RETURNS_INT = {"mla_attention_bf16"}  # 0 or an error code; every other kernel returns void
+_SIGNATURES = {  # name: argument types (the last int is the thread count)
     "skinny_bf16_matmul": [_P] * 3 + [_I] * 3 + [ctypes.c_int],
     "grouped_bf16_matmul": [_P] * 5 + [_I] * 3 + [ctypes.c_int],
     "batched_skinny_bf16_matmul": [_P] * 3 + [_I] * 4 + [ctypes.c_int],
@@ -72,7 +73,8 @@ def _build() -> ctypes.CDLL | None:
     handle = ctypes.CDLL(str(lib))
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(handle, name)
-        fn.restype, fn.argtypes = None, argtypes
+        fn.restype = ctypes.c_int if name in _RETURNS_INT else None
+        fn.argtypes = argtypes
     return handle
 
 

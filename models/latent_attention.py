@@ -35,7 +35,10 @@ def latent_attention(q: torch.Tensor, latent_pool: torch.Tensor, rows: RowContex
     R, H, D = q.shape
     q = q.contiguous()
     out = torch.empty(R, H, kv_lora_rank, dtype=torch.bfloat16)
-    kernel().mla_attention_bf16(q.data_ptr(), latent_pool.data_ptr(), rows.slots.data_ptr(),
-                                rows.start.data_ptr(), rows.length.data_ptr(), out.data_ptr(),
-                                R, H, D, kv_lora_rank, scale, torch.get_num_threads())
+    status = kernel().mla_attention_bf16(
+        q.data_ptr(), latent_pool.data_ptr(), rows.slots.data_ptr(), rows.start.data_ptr(),
+        rows.length.data_ptr(), out.data_ptr(), R, H, D, kv_lora_rank, scale,
+        torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("MLA attention kernel: no memory for its score buffers")
     return out

@@ -95,16 +95,22 @@ static void item(const uint16_t *q, const uint16_t *kv, const int64_t *slots, in
 /* q: [R, H, D] bf16, the R query rows (k_b already folded in, then the roped part);
  * kv: the layer's pool [S, D] bf16; slots: concatenated context slot lists;
  * row_start[r], row_len[r]: row r attends to slots[row_start[r] .. + row_len[r]] (its
- * sequence's context up to and including itself); out: [R, H, C] bf16. */
-void mla_attention_bf16(const uint16_t *q, const uint16_t *kv, const int64_t *slots,
-                        const int64_t *row_start, const int64_t *row_len, uint16_t *out,
-                        int64_t R, int64_t H, int64_t D, int64_t C, float scale, int nthreads) {
+ * sequence's context up to and including itself); out: [R, H, C] bf16.
+ * Returns 0, or -1 when a thread's scratch memory could not be allocated. */
+int mla_attention_bf16(const uint16_t *q, const uint16_t *kv, const int64_t *slots,
+                       const int64_t *row_start, const int64_t *row_len, uint16_t *out,
+                       int64_t R, int64_t H, int64_t D, int64_t C, float scale, int nthreads) {
+    int failed = 0;
     const int64_t groups = (H + HB - 1) / HB;
     int64_t max_len = 1;
     for (int64_t r = 0; r < R; r++) max_len = row_len[r] > max_len ? row_len[r] : max_len;
     #pragma omp parallel num_threads(nthreads)
     {
         float *s = (float *)malloc(sizeof(float) * HB * max_len);
+        if (!s) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < R * groups; it++) {
             const int64_t r = it / groups, h0 = (it % groups) * HB;
@@ -115,4 +121,5 @@ void mla_attention_bf16(const uint16_t *q, const uint16_t *kv, const int64_t *sl
         }
         free(s);
     }
+    return failed ? -1 : 0; /* -1: scratch memory could not be allocated (out untouched) */
 }

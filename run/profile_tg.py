@@ -113,8 +113,9 @@ def _time_kernels() -> list[float]:
 
             def call(*a):
                 t = time.perf_counter()
-                fn(*a)
+                result = fn(*a)
                 total[0] += time.perf_counter() - t
+                return result
             return call
 
     cpu_kernels._LIB = Timed()
