@@ -110,19 +110,16 @@ class FusedExperts(Experts):
             return out
         experts = list(groups)
         toks = [t for e in experts for t in groups[e][0]]
-        y = self._grouped(x[toks], experts, [len(groups[e][0]) for e in experts])
-        if y is not None:
-            ws = torch.tensor([w for e in experts for w in groups[e][1]], dtype=torch.float32)
-            idx = torch.tensor(toks, dtype=torch.int64, device=x.device)
-            return weighted_scatter_add(out, idx, y, ws)
-        for e, (toks, ws) in groups.items():
-            y = self.expert(x[toks], e).float()
-            if len(toks) == 1:
-                out[toks[0]].add_(y[0], alpha=ws[0])
-            else:
-                w = torch.tensor(ws, dtype=torch.float32, device=x.device)
-                out.index_add_(0, torch.tensor(toks, device=x.device), y * w[:, None])
-        return out
+        counts = [len(groups[e][0]) for e in experts]
+        xs = x[toks]
+        y = self._grouped(xs, experts, counts)
+        if y is None:  # no kernel: each expert over its rows, in the same order
+            y = torch.cat([self.expert(part, e)
+                           for part, e in zip(xs.split(counts), experts, strict=True)])
+        ws = torch.tensor([w for e in experts for w in groups[e][1]], dtype=torch.float32,
+                          device=x.device)
+        idx = torch.tensor(toks, dtype=torch.int64, device=x.device)
+        return weighted_scatter_add(out, idx, y, ws)
 
     def _grouped(self, xs: torch.Tensor, experts: list[int], counts: list[int]
                  ) -> torch.Tensor | None:
