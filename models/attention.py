@@ -22,11 +22,12 @@ from llama_mpi.models.kv_cache import LatentKVPool
 from llama_mpi.models.latent_attention import RowContexts, available, latent_attention
 from llama_mpi.models.layers import rms_norm
 from llama_mpi.models.rope import apply_rope
+from llama_mpi.models.weight_loader import Weight, WeightPolicy, load_weight
 
 
 class MLAttention:
     def __init__(self, cfg: ModelConfig, layer: int, heads: tuple[int, int], absorbed: bool,
-                 w: dict[str, torch.Tensor]) -> None:
+                 w: dict[str, Weight]) -> None:
         self.cfg, self.layer, self.absorbed = cfg, layer, absorbed
         self.n_heads = heads[1] - heads[0]
         # Absorbed attention costs about (2C + R) multiply-adds per (query, key) pair, naive
@@ -39,33 +40,35 @@ class MLAttention:
 
     @classmethod
     def from_gguf(cls, gf: GGUFFile, cfg: ModelConfig, layer: int, heads: tuple[int, int],
-                  absorbed: bool, dtype: torch.dtype) -> MLAttention:
+                  absorbed: bool, policy: WeightPolicy) -> MLAttention:
         p, (h0, h1) = f"blk.{layer}.", heads
         E, H, C, R = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         Dk, Dn, Dv = cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
-        w: dict[str, torch.Tensor] = {}
+        w: dict[str, Weight] = {}
+
+        def load(name: str, **kw: object) -> Weight:
+            return load_weight(gf, p + name + ".weight", policy, **kw)  # type: ignore[arg-type]
+
         if cfg.q_lora_rank:
             Q = cfg.q_lora_rank
-            w["q_a"] = gf.load(p + "attn_q_a.weight", dtype, expect=(Q, E))
-            w["q_a_norm"] = gf.load(p + "attn_q_a_norm.weight", dtype, expect=(Q,))
-            w["q_b"] = gf.load(p + "attn_q_b.weight", dtype, start=h0 * Dk, stop=h1 * Dk,
-                               expect=(H * Dk, Q))
+            w["q_a"] = load("attn_q_a", expect=(Q, E))
+            w["q_a_norm"] = load("attn_q_a_norm", expect=(Q,), dense=True)
+            w["q_b"] = load("attn_q_b", start=h0 * Dk, stop=h1 * Dk, expect=(H * Dk, Q))
         else:
-            w["q"] = gf.load(p + "attn_q.weight", dtype, start=h0 * Dk, stop=h1 * Dk,
-                             expect=(H * Dk, E))
-        w["kv_a"] = gf.load(p + "attn_kv_a_mqa.weight", dtype, expect=(C + R, E))
-        w["kv_a_norm"] = gf.load(p + "attn_kv_a_norm.weight", dtype, expect=(C,))
+            w["q"] = load("attn_q", start=h0 * Dk, stop=h1 * Dk, expect=(H * Dk, E))
+        w["kv_a"] = load("attn_kv_a_mqa", expect=(C + R, E))
+        w["kv_a_norm"] = load("attn_kv_a_norm", expect=(C,), dense=True)
+        # k_b / v_b run as batched per-head products: small (~2 MB a layer), kept dense
         if cfg.legacy_kv_b:
-            kv_b = gf.load(p + "attn_kv_b.weight", dtype, start=h0 * (Dn + Dv),
-                           stop=h1 * (Dn + Dv), expect=(H * (Dn + Dv), C))
+            kv_b = load("attn_kv_b", start=h0 * (Dn + Dv), stop=h1 * (Dn + Dv),
+                        expect=(H * (Dn + Dv), C), dense=True)
             kv_b = kv_b.view(h1 - h0, Dn + Dv, C)
             w["k_b"] = kv_b[:, :Dn].transpose(1, 2).contiguous()
             w["v_b"] = kv_b[:, Dn:].contiguous()
         else:
-            w["k_b"] = gf.load(p + "attn_k_b.weight", dtype, start=h0, stop=h1, expect=(H, C, Dn))
-            w["v_b"] = gf.load(p + "attn_v_b.weight", dtype, start=h0, stop=h1, expect=(H, Dv, C))
-        w["o"] = gf.load(p + "attn_output.weight", dtype, dim=1, start=h0 * Dv, stop=h1 * Dv,
-                         expect=(E, H * Dv))
+            w["k_b"] = load("attn_k_b", start=h0, stop=h1, expect=(H, C, Dn), dense=True)
+            w["v_b"] = load("attn_v_b", start=h0, stop=h1, expect=(H, Dv, C), dense=True)
+        w["o"] = load("attn_output", dim=1, start=h0 * Dv, stop=h1 * Dv, expect=(E, H * Dv))
         return cls(cfg, layer, heads, absorbed, w)
 
     REPLICATED = ("q_a", "q_a_norm", "kv_a", "kv_a_norm")  # latent projections: every rank

@@ -13,17 +13,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from llama_mpi.models.attention import MLAttention
 from llama_mpi.models.config import ModelConfig
-from llama_mpi.models.fast_linear import linear
+from llama_mpi.models.fast_linear import embedding, linear
 from llama_mpi.models.forward_batch import ForwardBatch
 from llama_mpi.models.gguf_file import GGUFFile
 from llama_mpi.models.kv_cache import LatentKVPool
 from llama_mpi.models.layers import SwiGLU, rms_norm
+from llama_mpi.models.quant_backend import choose_backend
+from llama_mpi.models.quant_weight import QuantWeight
 from llama_mpi.models.rope import RotaryEmbedding
 from llama_mpi.models.shard import Shard
+from llama_mpi.models.weight_loader import Weight, WeightPolicy, load_weight
 from llama_mpi.moe.dispatcher import Dispatcher, LocalDispatcher
 from llama_mpi.moe.moe_layer import MoE
 
@@ -45,6 +47,8 @@ class RuntimeOptions:
     layer_devices: list[torch.device] | None = None  # layer split; None: all on `device`
     vocab_comm: Any = None  # a Communicator: split the LM head's rows across its ranks
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    quant_backend: str = "auto"  # see quant_backend.choose_backend
+    use_mmap: bool = True
 
 
 class Block:
@@ -77,10 +81,12 @@ class Block:
 
 
 class DeepseekV2:
-    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, blocks: list[Block],
-                 norm: torch.Tensor, head: torch.Tensor, opts: RuntimeOptions) -> None:
+    def __init__(self, cfg: ModelConfig, embed: Weight, blocks: list[Block],
+                 norm: torch.Tensor, head: Weight, opts: RuntimeOptions,
+                 policy: WeightPolicy | None = None) -> None:
         self.cfg, self.embed, self.blocks = cfg, embed, blocks
         self.norm, self.head, self.opts = norm, head, opts
+        self.policy = policy  # what stayed mapped from the file and what was copied
         self.devices = opts.layer_devices or [opts.device] * cfg.num_layers
         self.rope = {d: RotaryEmbedding(cfg, d) for d in set(self.devices)}
 
@@ -88,21 +94,25 @@ class DeepseekV2:
     def from_gguf(cls, gf: GGUFFile, cfg: ModelConfig, opts: RuntimeOptions) -> DeepseekV2:
         dt, shard, E, V = opts.dtype, opts.shard, cfg.hidden_size, cfg.vocab_size
         devices = opts.layer_devices or [opts.device] * cfg.num_layers
+        policy = WeightPolicy(dt, choose_backend(opts.quant_backend, devices[0]),
+                              use_mmap=opts.use_mmap)
         heads = shard.heads(cfg.num_heads)
         blocks = []
         for i in range(cfg.num_layers):
             p = f"blk.{i}."
-            attn = MLAttention.from_gguf(gf, cfg, i, heads, opts.absorbed_mla, dt)
+            attn = MLAttention.from_gguf(gf, cfg, i, heads, opts.absorbed_mla, policy)
             if cfg.is_moe_layer(i):
                 ffn: SwiGLU | MoE = MoE.from_gguf(gf, cfg, i, shard, opts.dispatcher,
-                                                  opts.fused_moe, dt)
+                                                  opts.fused_moe, policy)
             else:
                 width = cfg.intermediate_size
-                ffn = SwiGLU.from_gguf(gf, p + "ffn", "", E, width, shard.columns(width), dt)
+                ffn = SwiGLU.from_gguf(gf, p + "ffn", "", E, width,
+                                       lambda align, w=width: shard.columns(w, align=align),
+                                       policy)
             block = Block(cfg, attn, ffn, gf.load(p + "attn_norm.weight", dt, expect=(E,)),
                           gf.load(p + "ffn_norm.weight", dt, expect=(E,)), opts)
             blocks.append(_to_device(block, devices[i]))
-        embed = gf.load("token_embd.weight", dt, expect=(V, E)).to(devices[0])
+        embed = load_weight(gf, "token_embd.weight", policy, expect=(V, E)).to(devices[0])
         head_name = "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
         v0, v1 = 0, V
         if opts.vocab_comm is not None:
@@ -111,9 +121,9 @@ class DeepseekV2:
                 raise ValueError(f"vocab_parallel: {n} ranks do not divide the vocabulary "
                                  f"of {V}; turn vocab_parallel off")
             v0, v1 = r * V // n, (r + 1) * V // n
-        head = gf.load(head_name, dt, start=v0, stop=v1, expect=(V, E)).to(devices[-1])
+        head = load_weight(gf, head_name, policy, start=v0, stop=v1, expect=(V, E))
         norm = gf.load("output_norm.weight", dt, expect=(E,)).to(devices[-1])
-        return cls(cfg, embed, blocks, norm, head, opts)
+        return cls(cfg, embed, blocks, norm, head.to(devices[-1]), opts, policy)
 
     def make_kv_pool(self, num_blocks: int, block_size: int) -> LatentKVPool:
         c = self.cfg
@@ -134,7 +144,7 @@ class DeepseekV2:
         dev = self.devices[0]
         batch = batch.to(dev)
         # the residual stream stays float32 (as in llama.cpp); matmuls run in the compute dtype
-        x = F.embedding(batch.input_ids, self.embed).float()
+        x = embedding(batch.input_ids, self.embed)
         rot = {dev: self.rope[dev].rotations(batch.positions)}
         for block, d in zip(self.blocks, self.devices, strict=True):
             if d != x.device:  # layer split: hand the activations to the next device
@@ -173,7 +183,7 @@ def _to_device(block: Block, device: torch.device) -> Block:
         return block  # loaded on the CPU already; avoid copies of mmap-backed tensors
     for obj in _modules(block):
         for k, v in vars(obj).items():
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, torch.Tensor | QuantWeight):
                 setattr(obj, k, v.to(device))
             elif isinstance(v, dict):
                 setattr(obj, k, {n: t.to(device) for n, t in v.items()})

@@ -3,7 +3,8 @@
 Decode multiplies one to a few activation rows by every weight of the model, so tokens per
 second are set by how fast weights stream from memory. ``bf16_gemv.c`` (see ``cpu_kernels``)
 reads weights ~1.5x faster than torch's CPU path here. Where the kernels cannot be built,
-every call is plain ``F.linear``.
+every call is plain ``F.linear``. Quantized weights (``QuantWeight``) bring their own
+backend, chosen at load; these functions are the one place that hands them over.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_mpi.models.cpu_kernels import kernel
+from llama_mpi.models.quant_weight import QuantWeight
 
 MAX_ROWS = 16  # the kernel's limit; it outpaces torch at every row count up to here (measured)
 
@@ -23,8 +25,11 @@ def _use_kernel(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
             and 0 < rows <= MAX_ROWS and w.is_contiguous() and kernel() is not None)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight) -> torch.Tensor:
     """``x @ w.T`` for ``x`` [..., K] and ``w`` [N, K]."""
+    if isinstance(w, QuantWeight):
+        lead = x.shape[:-1]
+        return w.matmul(x.reshape(-1, x.shape[-1]).contiguous()).view(*lead, w.shape[-2])
     if x.dim() == 2 and _use_kernel(x, w, x.shape[0]):
         x = x.contiguous()
         m, (n, k) = x.shape[0], w.shape
@@ -47,11 +52,20 @@ def batched_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x, w.transpose(1, 2))
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, idx: list[int], counts: list[int]
-                   ) -> torch.Tensor | None:
+def embedding(ids: torch.Tensor, w: torch.Tensor | QuantWeight) -> torch.Tensor:
+    """Rows ``ids`` of an embedding table in float32 (the residual stream's dtype)."""
+    if isinstance(w, QuantWeight):
+        return w.rows(ids, torch.float32)
+    return F.embedding(ids, w).float()
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor | QuantWeight, idx: list[int],
+                   counts: list[int]) -> torch.Tensor | None:
     """Rows of ``x`` [R, K] in consecutive groups of ``counts[g]`` rows, group g times
     ``w[idx[g]].T`` for a stacked ``w`` [E, N, K]: a decode batch's routed experts in one call.
     None where the kernel cannot take it (unavailable, or a group over MAX_ROWS rows)."""
+    if isinstance(w, QuantWeight):
+        return w.grouped(x.contiguous(), idx, counts)
     if not (x.dim() == 2 and w.dim() == 3 and max(counts, default=0) <= MAX_ROWS
             and _use_kernel(x, w, 1)):
         return None

@@ -195,11 +195,9 @@ class GGUFFile:
         raw = self._raw(info)
         block = GGML_QUANT_SIZES[info.qtype][0]
         if dim == len(shape) - 1 and (lo, hi) != (0, shape[dim]):
-            if lo % block or hi % block:
-                raise GGUFError(
-                    f"{self.path}: cannot slice '{name}' columns [{lo}:{hi}]: not aligned to "
-                    f"the {block}-element blocks of {info.qtype.name}"
-                )
+            if lo % block or hi % block:  # the slice cuts blocks: dequantize whole rows
+                full = self._convert(info, raw, shape, dtype)
+                return full[..., lo:hi].contiguous()
             per = raw.shape[-1] // (shape[-1] // block)  # bytes (or items) per block
             raw = raw[..., lo // block * per : hi // block * per]
         elif (lo, hi) != (0, shape[dim]):
@@ -207,6 +205,19 @@ class GGUFFile:
         out_shape = list(shape)
         out_shape[dim] = hi - lo
         return self._convert(info, raw, tuple(out_shape), dtype)
+
+    def block_size(self, name: str) -> int:
+        """Elements per block of tensor ``name`` (1 for float types)."""
+        return GGML_QUANT_SIZES[self.info(name).qtype][0]
+
+    def blocks(self, info: TensorInfo) -> torch.Tensor:
+        """A block-quantized tensor's bytes as uint8 ``[..., rows, row_bytes]``: mapped from
+        the file, not read."""
+        if info.qtype in _FLOAT_TYPES:
+            raise GGUFError(f"{self.path}: tensor '{info.name}' is {info.qtype.name}, not blocks")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(self._raw(info))
 
     def release(self, info: TensorInfo) -> None:
         """Drop this tensor's file pages from the mapping (re-read from the file if touched

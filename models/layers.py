@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from llama_mpi.models.cpu_kernels import kernel
 from llama_mpi.models.fast_linear import linear
 from llama_mpi.models.gguf_file import GGUFFile
+from llama_mpi.models.weight_loader import Weight, WeightPolicy, load_weight, stack_rows
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -42,25 +45,25 @@ class SwiGLU:
     """``down(silu(gate(x)) * up(x))``; under TP each rank holds a column slice of the hidden
     width and returns a partial sum that the caller all-reduces."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    def __init__(self, gate_up: Weight, down: Weight) -> None:
         self.gate_up = gate_up  # [2 * width, hidden]: gate rows then up rows
         self.down = down  # [hidden, width]
 
     @classmethod
     def from_gguf(
         cls, gf: GGUFFile, prefix: str, suffix: str, hidden: int, width: int,
-        cols: tuple[int, int], dtype: torch.dtype,
+        columns: Callable[[int], tuple[int, int]], policy: WeightPolicy,
     ) -> SwiGLU:
-        """Loads ``{prefix}_{gate,up,down}{suffix}.weight``, columns ``cols`` of ``width``."""
-        lo, hi = cols
+        """Loads ``{prefix}_{gate,up,down}{suffix}.weight``: the hidden columns that
+        ``columns(align)`` gives this rank, aligned to the down projection's blocks."""
         name = f"{prefix}_{{}}{suffix}.weight".format
-        gate = gf.load(name("gate"), dtype, start=lo, stop=hi, expect=(width, hidden))
-        up = gf.load(name("up"), dtype, start=lo, stop=hi, expect=(width, hidden))
-        down = gf.load(name("down"), dtype, dim=1, start=lo, stop=hi, expect=(hidden, width))
-        gate_up = torch.cat([gate, up])
-        for part in ("gate", "up"):
-            gf.release(gf.info(name(part)))  # copied into gate_up
-        return cls(gate_up, down)
+        align = gf.block_size(name("down")) if policy.backend is not None else 1
+        lo, hi = columns(align)
+        gate = load_weight(gf, name("gate"), policy, start=lo, stop=hi, expect=(width, hidden))
+        up = load_weight(gf, name("up"), policy, start=lo, stop=hi, expect=(width, hidden))
+        down = load_weight(gf, name("down"), policy, dim=1, start=lo, stop=hi,
+                           expect=(hidden, width))
+        return cls(stack_rows(gf, [gate, up], [name("gate"), name("up")], policy), down)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return linear(silu_mul(linear(x, self.gate_up)), self.down)

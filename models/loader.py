@@ -63,7 +63,8 @@ def load_model(path: str | Path, dtype: str = "auto", group_scoring: str = "auto
     keep_freed_memory()
     gf, cfg = open_model_file(path, group_scoring, use_mmap)
     device = torch.device(options.get("device", "cpu"))  # type: ignore[arg-type]
-    opts = RuntimeOptions(dtype=compute_dtype(dtype, gf, device), **options)  # type: ignore[arg-type]
+    opts = RuntimeOptions(dtype=compute_dtype(dtype, gf, device), use_mmap=use_mmap,
+                          **options)  # type: ignore[arg-type]
     model = DeepseekV2.from_gguf(gf, cfg, opts)
     log.info("loaded %s (%d layers, %s) in %.2f s", gf.path.name, cfg.num_layers,
              str(opts.dtype).removeprefix("torch."), time.perf_counter() - t0)

@@ -25,8 +25,17 @@ class Shard:
     def heads(self, n_heads: int) -> tuple[int, int]:
         return split_range(n_heads, self.tp_size, self.tp_rank, "attention heads")
 
-    def columns(self, width: int, what: str = "FFN columns") -> tuple[int, int]:
-        return split_range(width, self.tp_size, self.tp_rank, what)
+    def columns(self, width: int, what: str = "FFN columns", align: int = 1) -> tuple[int, int]:
+        """This rank's columns of ``width``. With ``align`` > 1 (the block size of a
+        quantized down projection) the split falls between blocks, as evenly as whole blocks
+        allow (ranks may differ by one block: partial sums do not care); where there are
+        fewer blocks than ranks it is even, and the caller dequantizes the cut slice."""
+        blocks = width // align if align > 1 and width % align == 0 else 0
+        if blocks < self.tp_size or blocks % self.tp_size == 0:
+            return split_range(width, self.tp_size, self.tp_rank, what)
+        base, extra = divmod(blocks, self.tp_size)
+        lo = self.tp_rank * base + min(self.tp_rank, extra)
+        return lo * align, (lo + base + (self.tp_rank < extra)) * align
 
     def experts(self, n_experts: int) -> tuple[int, int]:
         return split_range(n_experts, self.ep_size, self.ep_rank, "routed experts")

@@ -15,13 +15,14 @@ import torch
 from llama_mpi.models.fast_linear import grouped_matmul, linear
 from llama_mpi.models.gguf_file import GGUFFile
 from llama_mpi.models.layers import silu_mul
+from llama_mpi.models.weight_loader import Weight, WeightPolicy, load_weight, stack_rows
 from llama_mpi.moe.combine import weighted_scatter_add
 
 
 class Experts(ABC):
     """Experts ``first .. first + n - 1`` of a layer's stacked expert tensors."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, first: int) -> None:
+    def __init__(self, gate_up: Weight, down: Weight, first: int) -> None:
         self.gate_up = gate_up  # [n, 2 * Fe, E]
         self.down = down  # [n, E, Fe]
         self.first = first
@@ -29,18 +30,14 @@ class Experts(ABC):
 
     @classmethod
     def from_gguf(cls, gf: GGUFFile, layer: int, experts: tuple[int, int], n_experts: int,
-                  hidden: int, width: int, dtype: torch.dtype) -> Experts:
+                  hidden: int, width: int, policy: WeightPolicy) -> Experts:
         lo, hi, p = experts[0], experts[1], f"blk.{layer}."
-        gate = gf.load(p + "ffn_gate_exps.weight", dtype, start=lo, stop=hi,
-                       expect=(n_experts, width, hidden))
-        up = gf.load(p + "ffn_up_exps.weight", dtype, start=lo, stop=hi,
-                     expect=(n_experts, width, hidden))
-        down = gf.load(p + "ffn_down_exps.weight", dtype, start=lo, stop=hi,
-                       expect=(n_experts, hidden, width))
-        gate_up = torch.cat([gate, up], dim=1)
-        for name in ("ffn_gate_exps", "ffn_up_exps"):
-            gf.release(gf.info(f"{p}{name}.weight"))  # copied into gate_up
-        return cls(gate_up, down, lo)
+        names = [p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight"]
+        gate, up = (load_weight(gf, n, policy, start=lo, stop=hi,
+                                expect=(n_experts, width, hidden)) for n in names)
+        down = load_weight(gf, p + "ffn_down_exps.weight", policy, start=lo, stop=hi,
+                           expect=(n_experts, hidden, width))
+        return cls(stack_rows(gf, [gate, up], names, policy), down, lo)
 
     def num_params(self) -> int:
         return self.gate_up.numel() + self.down.numel()

@@ -8,6 +8,7 @@ from llama_mpi.models.config import ModelConfig
 from llama_mpi.models.gguf_file import GGUFFile
 from llama_mpi.models.layers import SwiGLU
 from llama_mpi.models.shard import Shard
+from llama_mpi.models.weight_loader import WeightPolicy
 from llama_mpi.moe.dispatcher import Dispatcher
 from llama_mpi.moe.experts import Experts, make_experts
 from llama_mpi.moe.router import Router
@@ -21,19 +22,20 @@ class MoE:
 
     @classmethod
     def from_gguf(cls, gf: GGUFFile, cfg: ModelConfig, layer: int, shard: Shard,
-                  dispatcher: Dispatcher, fused: bool, dtype: torch.dtype) -> MoE:
+                  dispatcher: Dispatcher, fused: bool, policy: WeightPolicy) -> MoE:
         p, E, X = f"blk.{layer}.", cfg.hidden_size, cfg.num_experts
         gate = gf.load(p + "ffn_gate_inp.weight", torch.float32, expect=(X, E))
         bias = None
         if cfg.has_selection_bias:
             bias = gf.load(p + "exp_probs_b.bias", torch.float32, expect=(X,))
         experts = make_experts(fused).from_gguf(
-            gf, layer, shard.experts(X), X, E, cfg.moe_intermediate_size, dtype)
+            gf, layer, shard.experts(X), X, E, cfg.moe_intermediate_size, policy)
         shared = None
         if cfg.num_shared_experts:
             width = cfg.moe_intermediate_size * cfg.num_shared_experts
-            shared = SwiGLU.from_gguf(gf, p + "ffn", "_shexp", E, width,
-                                      shard.columns(width, "shared-expert columns"), dtype)
+            shared = SwiGLU.from_gguf(
+                gf, p + "ffn", "_shexp", E, width,
+                lambda align: shard.columns(width, "shared-expert columns", align), policy)
         return cls(Router(cfg, gate, bias), experts, shared, dispatcher)
 
     def num_params(self) -> tuple[int, int]:

@@ -87,6 +87,9 @@ class ServerConfig:
     # --- keys of this runtime ---
     api_key: str | None = _k(None, "str?", "Bearer token required by the API", _NONEMPTY_OR_NULL)
     dtype: str = _k("auto", ("auto", "float32", "bfloat16", "float16"), "compute dtype")
+    quant_backend: str = _k("auto", ("auto", "native", "torch", "dequantize"),
+                            "quantized weights: C kernels on the blocks (native), torch "
+                            "dequantization per tile (torch), or dense at load (dequantize)")
     device: str = _k("auto", ("auto", "cpu", "cuda", "npu"), "compute device")
     moe_comm: str = _k("alltoall", ("alltoall", "allreduce"), "expert-parallel exchange")
     moe_group_scoring: str = _k("auto", ("auto", "max", "top2sum"), "MoE group-limited routing")

@@ -92,6 +92,7 @@ def local_executor(config: ServerConfig) -> ModelExecutor:
     devices = layer_devices(config)
     model = load_model(config.model, dtype=config.dtype, group_scoring=config.moe_group_scoring,
                        use_mmap=config.use_mmap, absorbed_mla=config.enable_mla,
+                       quant_backend=config.quant_backend,
                        fused_moe=config.enable_fused_moe, layer_devices=devices,
                        device=devices[0] if devices else torch.device("cpu"))
     if config.check_tensors:

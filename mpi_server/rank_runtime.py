@@ -43,6 +43,7 @@ def load_shard(config: ServerConfig, ctx: ParallelContext) -> DeepseekV2:
     model = load_model(
         config.model, dtype=config.dtype, group_scoring=config.moe_group_scoring,
         use_mmap=config.use_mmap, absorbed_mla=config.enable_mla,
+        quant_backend=config.quant_backend,
         fused_moe=config.enable_fused_moe, shard=shard, all_reduce=ctx.comm.all_reduce,
         dispatcher=make_dispatcher(config.moe_comm, ctx.comm, cfg.num_experts),
         device=ctx.device, vocab_comm=ctx.comm if vocab_parallel else None)

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import loadavg, summarize, uptime_line  # noqa: E402
+from bench_common import AnonPeak, loadavg, summarize, uptime_line  # noqa: E402
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
@@ -172,6 +172,14 @@ def model_info(path: str, model) -> dict:
             "layers": model.cfg.num_layers, "dtype": str(model.opts.dtype).removeprefix("torch.")}
 
 
+def weight_bytes(model) -> dict:
+    policy = getattr(model, "policy", None)
+    if policy is None:
+        return {}
+    return {"weights_mapped_mib": policy.mapped_bytes / 2**20,
+            "weights_copied_mib": policy.copied_bytes / 2**20}
+
+
 def make_config(args):
     from llama_mpi.mpi_server.config import ServerConfig, load_config
 
@@ -186,6 +194,8 @@ def make_config(args):
         cfg.enable_mla = False
     if args.no_fused_moe:
         cfg.enable_fused_moe = False
+    if args.quant_backend:
+        cfg.quant_backend = args.quant_backend
     return cfg
 
 
@@ -204,10 +214,12 @@ def bench_single(args) -> dict:
         n_layers = int(GGUFFile(cfg.model).metadata.get("deepseek2.block_count", 0))
         layer_devices = plan_layers(n_layers, "cpu", args.layer_split).torch_devices()
     la_load = loadavg()
+    anon = AnonPeak()
     t0 = time.perf_counter()
     model = load_model(cfg.model, dtype=cfg.dtype, group_scoring=cfg.moe_group_scoring,
                        use_mmap=cfg.use_mmap, absorbed_mla=cfg.enable_mla,
-                       fused_moe=cfg.enable_fused_moe, layer_devices=layer_devices)
+                       fused_moe=cfg.enable_fused_moe, layer_devices=layer_devices,
+                       quant_backend=cfg.quant_backend)
     load_s = time.perf_counter() - t0
 
     def step(batch, pool):
@@ -218,6 +230,7 @@ def bench_single(args) -> dict:
     return {"mode": "single" if not layer_devices else f"layer-split-{args.layer_split}",
             "ranks": 1, "threads_per_rank": torch.get_num_threads(), "moe_comm": None,
             "load_s": load_s, "loadavg_at_load": la_load, "peak_rss_mib": peak_rss_mib(),
+            "peak_anon_rss_mib": anon.stop(), **weight_bytes(model),
             **model_info(cfg.model, model), "options": {"mla": cfg.enable_mla,
                                                         "fused_moe": cfg.enable_fused_moe},
             "tests": tests}
@@ -237,6 +250,7 @@ def bench_worker(args) -> dict | None:
     channel = StepChannel(ctx.comm)
     la_load = loadavg()
     world.Barrier()
+    anon = AnonPeak()
     t0 = time.perf_counter()
     model = load_shard(cfg, ctx)
     load_s = time.perf_counter() - t0
@@ -262,9 +276,11 @@ def bench_worker(args) -> dict | None:
         n_blocks = -(-max(args.n_prompt, args.n_gen, 1) // BLOCK_SIZE)
         run_worker(model, n_blocks, BLOCK_SIZE, channel)
     rss = world.gather(peak_rss_mib(), root=0)
+    anon_peaks = world.gather(anon.stop(), root=0)
     if ctx.rank == 0:
         result["peak_rss_mib"] = max(rss)
         result["peak_rss_mib_per_rank"] = rss
+        result["peak_anon_rss_mib_per_rank"] = anon_peaks
     return result
 
 
@@ -291,6 +307,8 @@ def print_table(res: dict) -> None:
         print(line(r))
     print(f"load {res['load_s']:.2f} s, peak RSS {res['peak_rss_mib']:.0f} MiB"
           + (" (max over ranks)" if res["ranks"] > 1 else "")
+          + (f", peak anonymous {res['peak_anon_rss_mib']:.0f} MiB"
+             if "peak_anon_rss_mib" in res else "")
           + "; load avg before/after: "
           + ", ".join(f"{t['test']} {t['loadavg_before'][0]}->{t['loadavg_after'][0]}"
                       for t in res["tests"]))
@@ -331,6 +349,7 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     ap.add_argument("--no-mla", action="store_true", help="naive MLA instead of absorbed")
     ap.add_argument("--no-fused-moe", action="store_true", help="loop over experts")
+    ap.add_argument("--quant-backend", choices=["auto", "native", "torch", "dequantize"])
     ap.add_argument("--mpi", type=int, default=0, help="run EP+TP over N MPI ranks")
     ap.add_argument("--moe-comm", choices=["alltoall", "allreduce"])
     ap.add_argument("--layer-split", type=int, default=0,

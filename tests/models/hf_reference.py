@@ -29,11 +29,18 @@ VARIANTS = {
     # DeepSeek-V2 shape: q LoRA, group-limited routing (max per group), scale != 1
     "full": dict(q_lora_rank=48, topk_method="group_limited_greedy", n_group=4, topk_group=2,
                  routed_scaling_factor=2.0),
+    # rows of 256 so that K-quants apply; like V2-Lite, the routed experts' down projection
+    # (384 = 1.5 x 256) falls back to 32-element types while the shared experts' (768) does
+    # not, and a TP split of 768 or of the attention output (8 heads x 64) may cut a block
+    "quant": dict(q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1,
+                  routed_scaling_factor=1.0, hidden_size=256, intermediate_size=1024,
+                  moe_intermediate_size=384, num_attention_heads=8, num_key_value_heads=8,
+                  kv_lora_rank=256, v_head_dim=64),
 }
 
 
 def hf_model(variant: str, seed: int = 0) -> DeepseekV2ForCausalLM:
-    cfg = DeepseekV2Config(**BASE, **VARIANTS[variant])
+    cfg = DeepseekV2Config(**{**BASE, **VARIANTS[variant]})
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = DeepseekV2ForCausalLM(cfg).eval()
