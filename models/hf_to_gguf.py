@@ -18,16 +18,14 @@ import gguf
 import numpy as np
 import torch
 
+from .quant_encode import quantize
+from .quant_plan import FILE_TYPES, plan_types
+
 ARCH = "deepseek2"
 QT = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
-FTYPES: dict[str, tuple[QT, FT]] = {
-    "f32": (QT.F32, FT.ALL_F32),
-    "f16": (QT.F16, FT.MOSTLY_F16),
-    "bf16": (QT.BF16, FT.MOSTLY_BF16),
-    "q8_0": (QT.Q8_0, FT.MOSTLY_Q8_0),
-    "q4_0": (QT.Q4_0, FT.MOSTLY_Q4_0),
-}
+# ftype name -> (default tensor type, general.file_type); per-tensor types: quant_plan
+FTYPES: dict[str, tuple[QT, FT]] = FILE_TYPES
 LAYOUTS = ("mla", "legacy")
 TensorSource = Mapping[str, torch.Tensor] | Callable[[], Iterable[tuple[str, torch.Tensor]]]
 
@@ -197,14 +195,10 @@ def _expert_outs(m: str, b: str, x: int, fe: int, e: int, names: set[str]) -> li
             _Out(f"{b}.ffn_down_exps.weight", (x, e, fe), per["down"])]
 
 
-def _tensor_qtype(name: str, shape: tuple[int, ...], wanted: QT) -> QT:
-    """Converter rules: 1-D, *_norm, ffn_gate_inp, non-.weight are F32; F16 if rows don't block."""
-    if len(shape) <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name:
-        return QT.F32
-    if not name.endswith(".weight"):
-        return QT.F32
-    block = gguf.GGML_QUANT_SIZES[wanted][0]
-    return QT.F16 if shape[-1] % block else wanted
+def _tensor_qtypes(outs: list[_Out], cfg: Mapping, ftype: str) -> dict[str, QT]:
+    """1-D, *_norm, ffn_gate_inp, non-.weight stay F32; the rest as llama-quantize picks."""
+    return plan_types(((o.name, o.shape) for o in outs), ftype, cfg["num_hidden_layers"],
+                      cfg["n_routed_experts"])
 
 
 def _encode(t: torch.Tensor, qtype: QT) -> np.ndarray:
@@ -215,7 +209,7 @@ def _encode(t: torch.Tensor, qtype: QT) -> np.ndarray:
         return t.to(torch.float16).numpy()
     if qtype == QT.BF16:  # round-to-nearest-even, like gguf.quants' BF16
         return t.to(torch.bfloat16).view(torch.int16).numpy()
-    return gguf.quants.quantize(t.numpy(), qtype)
+    return quantize(t.numpy(), qtype)  # K-quants: our encoder; 32-blocks: gguf.quants
 
 
 class _Fetcher:
@@ -277,12 +271,13 @@ def convert(state_dict: TensorSource, config: Mapping[str, object], out_path: st
     """
     if ftype not in FTYPES or layout not in LAYOUTS:
         raise ValueError(f"ftype must be one of {list(FTYPES)}, layout one of {LAYOUTS}")
-    wanted, file_type = FTYPES[ftype]
+    file_type = FTYPES[ftype][1]
     needs: Counter[str] = Counter()
     fetch = _Fetcher(state_dict, needs)
     outs = _plan(config, set(fetch.names()), layout)
+    qtypes = _tensor_qtypes(outs, config, ftype)
     for out in outs:
-        out.qtype = _tensor_qtype(out.name, out.shape, wanted)
+        out.qtype = qtypes[out.name]
         needs.update(out.sources)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
