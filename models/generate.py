@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = tok.encode(args.prompt)
         stop = None if args.ignore_eos else tok.eos_ids
         new, t_prompt, t_decode = generate(model, ids, args.n_predict, args.temp, args.seed, stop)
-    except (GGUFError, ValueError) as e:
+    except (GGUFError, ValueError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(tok.decode(ids, skip_special_tokens=True) + tok.decode(new))

@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType as QT
 
 from llama_mpi.models.config import ModelConfig
 from llama_mpi.models.gguf_file import GGUFFile, TensorInfo
+from llama_mpi.models.memory_budget import MemoryEstimate
 from llama_mpi.models.quant_weight import KEPT_TYPES
 
 _NATIVE = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
@@ -76,3 +77,18 @@ def _numel(info: TensorInfo) -> int:
     for d in info.ne:
         n *= d
     return n
+
+
+def estimate_load(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, keep_quantized: bool,
+                  kv_tokens: int, tp_size: int = 1, ep_size: int = 1,
+                  vocab_parallel: bool = False, local_ranks: int = 1) -> MemoryEstimate:
+    """What loading this rank's shard and its KV pool adds, for ``local_ranks`` such ranks on
+    this machine (their copies add up; their mapped shards share one file's page cache)."""
+    w = shard_weight_bytes(gf, cfg, dtype, keep_quantized, tp_size, ep_size, vocab_parallel)
+    size = torch.tensor([], dtype=dtype).element_size()
+    kv = cfg.num_layers * kv_tokens * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * size
+    n = max(1, local_ranks)
+    est = MemoryEstimate(mapped_weights=min(w.mapped * n, gf.path.stat().st_size),
+                         copied_weights=w.copied * n, kv_pool=kv * n)
+    est.runtime *= n
+    return est

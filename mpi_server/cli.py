@@ -117,6 +117,11 @@ async def _serve(config: Any, build: Callable[[Any], Any] = _default_build) -> i
             start = getattr(engine, "start", None)  # engines that need the loop start here
             if start is not None and inspect.iscoroutinefunction(start):
                 await start()
+        except (ValueError, MemoryError) as exc:  # bad file, config or budget: one message
+            log.error("model loading failed: %s", exc)
+            failed = True
+            server.should_exit = True
+            return
         except Exception:
             log.exception("model loading failed")
             failed = True

@@ -55,6 +55,36 @@ def layer_devices(config: ServerConfig) -> list[torch.device] | None:
     return plan.torch_devices()
 
 
+def check_memory(config: ServerConfig, device: torch.device, tp: int = 1, ep: int = 1,
+                 vocab_parallel: bool = False, local_ranks: int = 1) -> None:
+    """Refuse, before loading, a model + KV pool that cannot fit the memory this process may
+    use (cgroup limit or available RAM), with the estimate and the figures; an accelerator's
+    own memory is not checked here."""
+    from llama_mpi.models.loader import compute_dtype, open_model_file
+    from llama_mpi.models.memory_budget import ensure_fits, gib
+    from llama_mpi.models.memory_plan import estimate_load
+
+    if device.type != "cpu":
+        return
+    gf, cfg = open_model_file(config.model, config.moe_group_scoring)
+    num_blocks, block, _ = pool_geometry(config, cfg.max_position_embeddings)
+    est = estimate_load(gf, cfg, compute_dtype(config.dtype, gf, device),
+                        config.quant_backend != "dequantize", num_blocks * block, tp, ep,
+                        vocab_parallel, local_ranks)
+    limit, source = ensure_fits(est, config.model)
+    ranks = f" for {local_ranks} ranks on this machine" if local_ranks > 1 else ""
+    log.info("memory estimate%s: %s; this process may use %s (%s)", ranks, est.describe(),
+             gib(limit), source)
+
+
+def log_resident(model: Any) -> None:
+    from llama_mpi.models.memory_budget import describe_resident, gib
+
+    policy = model.policy
+    log.info("weights: %s mapped from the file, %s copied; %s", gib(policy.mapped_bytes),
+             gib(policy.copied_bytes), describe_resident())
+
+
 def check_finite(model: Any) -> None:
     """``check_tensors``: refuse weights with NaN or inf (reads every held tensor once)."""
     for i, block in enumerate(model.blocks):
@@ -90,11 +120,13 @@ def local_executor(config: ServerConfig) -> ModelExecutor:
     if config.n_threads > 0:
         torch.set_num_threads(config.n_threads)
     devices = layer_devices(config)
+    check_memory(config, devices[0] if devices else torch.device("cpu"))
     model = load_model(config.model, dtype=config.dtype, group_scoring=config.moe_group_scoring,
                        use_mmap=config.use_mmap, absorbed_mla=config.enable_mla,
                        quant_backend=config.quant_backend,
                        fused_moe=config.enable_fused_moe, layer_devices=devices,
                        device=devices[0] if devices else torch.device("cpu"))
+    log_resident(model)
     if config.check_tensors:
         check_finite(model)
     num_blocks, block, max_len = pool_geometry(config, model.cfg.max_position_embeddings)

@@ -40,6 +40,9 @@ def load_shard(config: ServerConfig, ctx: ParallelContext) -> DeepseekV2:
         log.warning("vocab_parallel: %d ranks do not divide the vocabulary of %d; the LM head "
                     "is replicated instead", n, cfg.vocab_size)
         vocab_parallel = False
+    from llama_mpi.mpi_server.engine_factory import check_memory, log_resident
+
+    check_memory(config, ctx.device, n, n, vocab_parallel, ctx.local_size)
     model = load_model(
         config.model, dtype=config.dtype, group_scoring=config.moe_group_scoring,
         use_mmap=config.use_mmap, absorbed_mla=config.enable_mla,
@@ -49,6 +52,7 @@ def load_shard(config: ServerConfig, ctx: ParallelContext) -> DeepseekV2:
         device=ctx.device, vocab_comm=ctx.comm if vocab_parallel else None)
     counts = model.param_counts()
     log.info("rank %d/%d holds %s parameters", r, n, counts)
+    log_resident(model)
     return model
 
 
