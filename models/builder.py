@@ -2,7 +2,9 @@
 
 Presets: `tiny` (the quick start's built-in model), `lite` / `full` (small V2-Lite- and
 V2-shaped models for tests), `v2-lite` (V2-Lite's real dims) and `bench4` (V2-Lite dims,
-4 layers, 102400 vocab). Small dims are multiples of 32 so Q8_0/Q4_0 rows quantize.
+4 layers, 102400 vocab). Small dims are multiples of 32 so every 32-block type applies; K-quant
+ftypes (q4_k_m, q5_k_m, q6_k) pick per-tensor types as llama-quantize does (`quant_plan`), so
+rows that are not multiples of 256 (all of `lite`/`full`, some of `tiny`) take its fallbacks.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="llama-mpi-build-model", description=__doc__.split("\n")[0])
     ap.add_argument("-o", "--output", type=Path, help="output GGUF (default: under ~/.cache)")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    ap.add_argument("--ftype", default="bf16", choices=list(FTYPES))
+    ap.add_argument("--ftype", default="bf16", choices=list(FTYPES),
+                    help="file type; quantized ones mix tensor types as llama-quantize does")
     ap.add_argument("--layout", default="mla", choices=list(LAYOUTS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab-gguf", type=Path, help="copy the tokenizer from this GGUF")

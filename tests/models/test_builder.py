@@ -11,6 +11,7 @@ import torch
 
 from llama_mpi.models.builder import build_model, main, preset_config
 from llama_mpi.models.builtin_vocab import CHAT_TEMPLATE, builtin_vocab, vocab_from_gguf
+from llama_mpi.models.quant_plan import plan_types
 from llama_mpi.models.random_weights import random_weights
 
 QT, VT = gguf.GGMLQuantizationType, gguf.GGUFValueType
@@ -181,6 +182,36 @@ def test_cli_writes_requested_file_and_prints_path(tmp_path, capsys):
     fields = gguf.GGUFReader(out).fields
     assert fields["deepseek2.block_count"].contents() == 2
     assert fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+
+
+def test_cli_q4_k_m_build_has_planned_types_and_close_weights(tmp_path):
+    out = tmp_path / "q4km.gguf"  # tiny: rows of 256 and 128, so K-quants and fallbacks
+    assert main(["-o", str(out), "--preset", "tiny", "--layers", "3", "--ftype", "q4_k_m"]) == 0
+    r = gguf.GGUFReader(out)
+    assert r.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    cfg = preset_config("tiny", num_hidden_layers=3)
+    shapes = [(t.name, tuple(int(n) for n in reversed(t.shape))) for t in r.tensors]
+    want = plan_types(shapes, "q4_k_m", 3, cfg["n_routed_experts"])
+    got = {t.name: t.tensor_type for t in r.tensors}
+    assert got == want
+    assert {QT.Q4_K, QT.Q6_K, QT.Q5_0, QT.Q8_0, QT.F32} <= set(got.values())
+    weights = random_weights(cfg, seed=0)
+    tensors = {t.name: t for t in r.tensors}
+    for name, hf, bound in [("token_embd.weight", "model.embed_tokens.weight", 0.08),
+                            ("output.weight", "lm_head.weight", 0.02),
+                            ("blk.2.ffn_down_shexp.weight",
+                             "model.layers.2.mlp.shared_experts.down_proj.weight", 0.02),
+                            ("blk.1.attn_k_b.weight", None, 0.05)]:
+        t = tensors[name]
+        y = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        if hf is None:  # Q5_0 fallback (rows of 32): MLA's per-head split of kv_b
+            dn, dv = cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+            kv_b = weights["model.layers.1.self_attn.kv_b_proj.weight"]
+            ref = kv_b.view(cfg["num_attention_heads"], dn + dv, -1)[:, :dn].transpose(1, 2)
+        else:
+            ref = weights[hf]
+        err = ((y - ref) ** 2).mean().sqrt() / (ref**2).mean().sqrt()
+        assert err <= bound, (name, t.tensor_type.name, float(err))
 
 
 def test_random_weights_load_into_hf_and_give_spread_logits():
