@@ -77,6 +77,8 @@ def main() -> None:
                 "moe_comm": moe_comm, "mla": mla,
                 "max_diff_single": (got - want).abs().max().item(),
                 "max_diff_hf": (got - hf).abs().max().item(),
+                "rel_single": ((got - want).norm() / want.norm()).item(),
+                "rel_hf": ((got - hf).norm() / hf.norm()).item(),
                 "agree_single": (got.argmax(-1) == want.argmax(-1)).float().mean().item(),
                 "agree_hf": (got.argmax(-1) == hf.argmax(-1)).float().mean().item(),
                 "params": counts, "single_params": single.param_counts(),
