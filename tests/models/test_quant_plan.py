@@ -2,14 +2,17 @@
 1408, dense ffn 10944, 64 experts + 2 shared, kv_lora 512), MLA and legacy layouts.
 
 The tables below are literal and equal what llama.cpp's own `llama-quantize` chooses, checked
-with the llama.cpp tree vendored in llama-cpp-python 0.3.36 (built from its sdist,
-`build/bin/llama-quantize`): bf16 files with V2-Lite's row lengths and 27 layers but 2 routed
-experts and a 1024-token vocab, made with
+with the llama.cpp tree vendored in llama-cpp-python 0.3.36 (llama.cpp build 0c1e570, built from
+the sdist, `build/bin/llama-quantize`): bf16 files with V2-Lite's row lengths and 27 layers but
+2 routed experts and a 1024-token vocab, made with
 `build_model(path, preset="v2-lite", ftype="bf16", layout=..., n_routed_experts=2,
 num_experts_per_tok=1, vocab_size=1024)`, then `llama-quantize in.gguf out.gguf Q4_K_M 2`
 (and Q5_K_M, Q6_K, Q8_0, Q4_0), types read back with gguf.GGUFReader: 0 mismatches with
-`plan_types` for every tensor in both layouts. (Expert count changes no type unless it is 8:
-see `test_eight_experts_take_the_mixtral_rules`, also checked that way on the `lite` preset.)
+`plan_types` for every tensor, both layouts, all five ftypes. The expert count changes no type
+unless it is 8 (`test_expert_count_other_than_8_changes_nothing`); the 8-expert rules were
+checked the same way on the `lite` preset (8 experts), and `full` (q_lora) and `tiny` too, both
+layouts (these need `--override-kv deepseek2.attention.q_lora_rank=int:0`: llama.cpp only lets
+26/27-layer files omit q_lora_rank): 0 mismatches.
 """
 
 from __future__ import annotations
