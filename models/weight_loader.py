@@ -58,7 +58,10 @@ def load_weight(gf: GGUFFile, name: str, policy: WeightPolicy, *, dim: int = 0,
             log.info("%s: %s is not computed on quantized; dequantized to %s at load", name,
                      q.name, str(policy.dtype).removeprefix("torch."))
         t = gf.load(name, policy.dtype, dim=dim, start=start, stop=stop)
-        return policy.count(t, mapped=_NATIVE.get(q) == policy.dtype)
+        mapped = _NATIVE.get(q) == policy.dtype
+        if mapped and policy.use_mmap:
+            gf.populate(t)
+        return policy.count(t, mapped=mapped)
     shape = info.shape
     dim %= len(shape)
     lo, hi = start or 0, shape[dim] if stop is None else stop
@@ -73,6 +76,8 @@ def load_weight(gf: GGUFFile, name: str, policy: WeightPolicy, *, dim: int = 0,
     elif (lo, hi) != (0, shape[dim]):
         raw = raw.narrow(dim, lo, hi - lo)
     w = QuantWeight([QuantPart(q, raw)], K, policy.backend, name)
+    if policy.use_mmap:
+        gf.populate(raw)
     return policy.count(w if policy.use_mmap else w.clone(), mapped=True)
 
 

@@ -8,17 +8,14 @@ projection takes a 32-element type).
 Tolerances (relative RMS error of all logits, and argmax agreement over the 38 positions):
 - the torch and dequantize-at-load backends in float32 compute on exactly dequantized
   weights: float32 rounding (max abs 1e-4, every argmax);
-- prefill of 38 tokens runs the big products through exactly dequantized tiles and only
-  the per-expert groups (<= 16 rows) through the integer kernels: measured 0.5 % relative
-  RMS in float32, bound 1 %, >= 95 % argmax agreement;
-- decode runs every product through the integer kernels, which quantize each activation row
-  to int8 per 32 values (as llama.cpp does for Q8_0 / Q4_0 / Q5_x, and with finer scales
-  than its Q8_K for K-quants; the kernels themselves are exact on those int8 values, see
-  test_quant_kernels): measured 2-5 % per position (3.1-5.4 % per sequence) over 3 layers,
-  bound 8 %, >= 85 %;
-- bf16 compute (``dtype: auto`` for quantized files) is dominated by bf16 activations, the
-  same for the torch path: measured 3-4 %, bound 6 %, >= 85 % argmax agreement (this random
-  model has near-ties).
+- the C kernels (every product of up to 128 rows; beyond, exactly dequantized tiles and a
+  GEMM) quantize each activation row to int8 per 32 values, as llama.cpp does for Q8_0 /
+  Q4_0 / Q5_x (finer than its Q8_K for K-quants); the kernels are exact on those int8
+  values (test_quant_kernels). Over 3 layers that is 2-5 % relative RMS per position
+  (measured 3.1-6.6 % per run in float32), bound 8 %, >= 85 % argmax agreement;
+- bf16 compute (``dtype: auto`` for quantized files) adds bf16 activations (3-4 % alone,
+  the same on the torch path): bound 10 %, >= 80 % argmax agreement (this random model has
+  near-ties).
 """
 
 from __future__ import annotations
@@ -36,7 +33,7 @@ from .conftest import SEQS, batch_for, num_blocks
 from .hf_reference import hf_logits, load_dequantized
 
 F32_TOL = 1e-4
-NATIVE_REL = {"float32": (0.01, 0.95), "auto": (0.06, 0.85),  # (rel RMS bound, agreement)
+NATIVE_REL = {"float32": (0.08, 0.85), "auto": (0.10, 0.80),  # (rel RMS bound, agreement)
               "decode": (0.08, 0.85)}
 FTYPES = ["q8_0", "q4_k_m", "q6_k"]
 needs_kernels = pytest.mark.skipif(not quant_kernels.available(),

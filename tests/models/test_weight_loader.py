@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from llama_mpi.models import quant_kernels
 from llama_mpi.models.gguf_file import GGUFError, GGUFFile
 from llama_mpi.models.quant_backend import TorchBackend
 from llama_mpi.models.quant_weight import QuantWeight
@@ -130,3 +131,23 @@ def test_truncated_quantized_tensor_names_file_and_tensor(file, tmp_path):
     with pytest.raises(GGUFError, match=r"cut\.gguf: tensor '[abc]\.weight' ends at byte \d+ "
                        r"but the file has \d+ bytes \(truncated file\)"):
         GGUFFile(cut)
+
+
+@pytest.mark.skipif(not quant_kernels.available(),
+                    reason="the C kernels need AVX512-VNNI/BF16 and a compiler")
+@pytest.mark.parametrize("rows", [1, 16, 40, 200])  # one call, 16-row chunks, tiles + GEMM
+def test_native_backend_paths_match_the_dequantized_product(file, rows):
+    """Up to 128 rows the kernels (exact on their int8 activations), beyond dequantized tiles
+    (exact on the float activations): both against float64 on gguf-py's dequantized values."""
+    from llama_mpi.models.quant_backend import NativeCPUBackend
+
+    gf, deq = file
+    a = load_weight(gf, "a.weight", WeightPolicy(torch.float32, NativeCPUBackend()))
+    w = QuantWeight.concat([a, a], "a|a")  # two parts: gate|up style
+    x = torch.randn(rows, 320)
+    dense = torch.from_numpy(np.concatenate([deq["a"], deq["a"]])).double()
+    if rows <= NativeCPUBackend.CHUNKED_MAX_ROWS:
+        x = torch.cat([quant_kernels.quantize_activations(x[r:r + 16]).dequantize()
+                       for r in range(0, rows, 16)]).float()  # what the kernels multiply
+    want = x.double() @ dense.T
+    assert torch.allclose(w.matmul(x).double(), want, rtol=1e-4, atol=1e-4)
