@@ -3,10 +3,11 @@
 The sources next to this file (``bf16_gemv.c``: skinny bf16 matmuls for decode;
 ``moe_combine.c``: the weighted scatter-add that sums routed-expert outputs;
 ``mla_attention.c``: absorbed MLA attention over the paged latent pool; ``rms_norm.c``;
-``swiglu.c``: the SwiGLU activation) are compiled by
-the system C compiler into one shared library under ``~/.cache/llama-mpi/kernels`` (named by
-a hash of the sources and flags, written atomically: ranks may race here), loaded with ctypes
-and run on torch's own OpenMP threads. Without a compiler, without AVX512-BF16, or with
+``swiglu.c``: the SwiGLU activation; ``quant_matmul.c``: products and row dequantization
+straight from quantized GGUF blocks, with AVX512-VNNI) are compiled by the system C compiler
+into one shared library under ``~/.cache/llama-mpi/kernels`` (named by a hash of the sources
+and flags, written atomically: ranks may race here), loaded with ctypes and run on torch's own
+OpenMP threads. Without a compiler, without AVX512-BF16 and AVX512-VNNI, or with
 ``LLAMA_MPI_NO_KERNELS=1``, ``kernel()`` is None and every caller uses plain torch.
 """
 
@@ -25,12 +26,16 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(n) for n in ("bf16_gemv.c", "moe_combine.c",
                                                  "mla_attention.c", "rms_norm.c",
-                                                 "swiglu.c")]
+                                                 "swiglu.c", "quant_matmul.c")]
 CACHE = Path(os.environ.get("LLAMA_MPI_KERNEL_CACHE", "~/.cache/llama-mpi/kernels")).expanduser()
 HEADERS = [Path(__file__).with_name("kernel_util.h")]  # included by the sources
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c",
+          "-fopenmp", "-shared", "-fPIC"]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-_RETURNS_INT = {"mla_attention_bf16"}  # 0 or an error code; every other kernel returns void
+# 0 or an error code; every other kernel returns void
+_RETURNS_INT = {"mla_attention_bf16", "quantize_rows_q8", "quant_matmul", "grouped_quant_matmul",
+                "quant_dequant_rows"}
+_C = ctypes.c_int
 _SIGNATURES = {  # name: argument types (the last int is the thread count)
     "skinny_bf16_matmul": [_P] * 3 + [_I] * 3 + [ctypes.c_int],
     "grouped_bf16_matmul": [_P] * 5 + [_I] * 3 + [ctypes.c_int],
@@ -39,18 +44,30 @@ _SIGNATURES = {  # name: argument types (the last int is the thread count)
     "mla_attention_bf16": [_P] * 6 + [_I] * 4 + [ctypes.c_float, ctypes.c_int],
     "rms_norm_bf16": [_P, ctypes.c_int, _I, _P, _P, _I, _I, ctypes.c_float, ctypes.c_int],
     "silu_mul_bf16": [_P, _P, _I, _I, ctypes.c_int],
+    # (X, x_is_bf16, ldx, M, K, xq, xd, xsum, nthreads)
+    "quantize_rows_q8": [_P, _C, _I, _I, _I, _P, _P, _P, _C],
+    # (qtype, W, row_bytes, xq, xd, xsum, Y, ldy, y_is_bf16, M, N, K, nthreads)
+    "quant_matmul": [_C, _P, _I, _P, _P, _P, _P, _I, _C, _I, _I, _I, _C],
+    # (qtype, W, expert_bytes, row_bytes, idx, start, G, xq, xd, xsum, Y, ldy, y_is_bf16, N, K,
+    #  nthreads)
+    "grouped_quant_matmul": [_C, _P, _I, _I, _P, _P, _I, _P, _P, _P, _P, _I, _C, _I, _I, _C],
+    # (qtype, W, row_bytes, rows or NULL, nrows, K, out, out_is_bf16, nthreads)
+    "quant_dequant_rows": [_C, _P, _I, _P, _I, _I, _P, _C, _C],
 }
 
 
-def _cpu_has_avx512_bf16() -> bool:
+def _cpu_has_avx512_bf16_vnni() -> bool:
+    """AVX512-BF16 and AVX512-VNNI: every CPU with the first has the second so far; the
+    quantized-weight kernels need VNNI."""
     try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
+    return "avx512_bf16" in flags and "avx512_vnni" in flags
 
 
 def _build() -> ctypes.CDLL | None:
-    if os.environ.get("LLAMA_MPI_NO_KERNELS") or not _cpu_has_avx512_bf16():
+    if os.environ.get("LLAMA_MPI_NO_KERNELS") or not _cpu_has_avx512_bf16_vnni():
         return None
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
