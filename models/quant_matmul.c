@@ -36,7 +36,8 @@
 
 #define MAXM 16
 #define TILE_M 4 /* activation rows per register tile (dot_tile) */
-#define FUSED_M 2 /* up to this many rows, no row buffer (rows_fused) */
+#define FUSED_M 8 /* up to this many rows, no row buffer (rows_fused): measured faster than the
+                   * tiles up to 8 rows, slower from 12 (registers run out) */
 #define QERR_TYPE (-1)
 #define QERR_SHAPE (-2)
 #define QERR_NOMEM (-3)
@@ -413,8 +414,9 @@ static inline void store_out(void *Y, int64_t ldy, int y_is_bf16, int64_t n, con
     }
 }
 
-/* Few activation rows: each chunk goes from the weight bytes through registers straight into
- * the dot products, no round trip through a row buffer. */
+/* Up to 8 activation rows: each chunk goes from the weight bytes through registers straight
+ * into the dot products of every row (their accumulators stay in registers), no round trip
+ * through a row buffer. */
 static inline __attribute__((always_inline)) void rows_fused(
         const int T, const int MF, const uint8_t *W, int64_t row_bytes, const act_t *a,
         int64_t r0, int64_t K, int64_t n0, int64_t n1, void *Y, int64_t ldy, int y_is_bf16) {
@@ -503,8 +505,8 @@ static inline int64_t row_buffer_bytes(int qtype, int64_t nch) {
     return nch * (chunk_elems(qtype) + 2 * 64);
 }
 
-/* More rows: unpack weight rows two at a time into a per-thread buffer (L1/L2-resident) and
- * take the activation rows in tiles of up to 4 (dot_tile). */
+/* More rows (9-16): unpack weight rows two at a time into a per-thread buffer (L1/L2-resident)
+ * and take the activation rows in tiles of up to 4 (dot_tile). */
 static inline __attribute__((always_inline)) void rows_buffered(
         const int T, const uint8_t *W, int64_t row_bytes, const act_t *a, int64_t r0,
         int64_t M, int64_t K, int64_t n0, int64_t n1, void *Y, int64_t ldy, int y_is_bf16,
@@ -550,21 +552,40 @@ static inline __attribute__((always_inline)) void rows_buffered(
     }
 }
 
-/* Rows [n0, n1) of one weight matrix times activation rows r0 .. r0 + M - 1 into
- * Y[m * ldy + n]; scratch: a per-thread buffer from scratch_alloc. */
-static void rows_product(int qtype, const uint8_t *W, int64_t row_bytes, const act_t *a,
-                         int64_t r0, int64_t M, int64_t K, int64_t n0, int64_t n1, void *Y,
-                         int64_t ldy, int y_is_bf16, uint8_t *scratch) {
-    switch (qtype) { /* one specialised copy per type and fused row count */
-#define ROWS(T) case T: \
-        if (M == 1) rows_fused(T, 1, W, row_bytes, a, r0, K, n0, n1, Y, ldy, y_is_bf16); \
-        else if (M == 2) rows_fused(T, 2, W, row_bytes, a, r0, K, n0, n1, Y, ldy, y_is_bf16); \
-        else rows_buffered(T, W, row_bytes, a, r0, M, K, n0, n1, Y, ldy, y_is_bf16, scratch); \
-        break;
-    ROWS(Q4_0) ROWS(Q5_0) ROWS(Q5_1) ROWS(Q8_0) ROWS(Q4_K) ROWS(Q5_K) ROWS(Q6_K)
-#undef ROWS
+/* One function per type and fused row count (and per type for the tiles): as separate
+ * functions each gets its own register allocation; inlined all into one, M = 1 ran 14 %
+ * slower (measured). */
+#define ARGS const uint8_t *W, int64_t row_bytes, const act_t *a, int64_t r0, int64_t M, \
+    int64_t K, int64_t n0, int64_t n1, void *Y, int64_t ldy, int y_is_bf16, uint8_t *scratch
+typedef void (*rows_fn)(ARGS);
+#define FUSED_FN(T, m) \
+    static __attribute__((noinline)) void fused_##T##_##m(ARGS) { \
+        (void)M, (void)scratch; \
+        rows_fused(T, m, W, row_bytes, a, r0, K, n0, n1, Y, ldy, y_is_bf16); \
     }
+#define TYPE_FNS(T) \
+    FUSED_FN(T, 1) FUSED_FN(T, 2) FUSED_FN(T, 3) FUSED_FN(T, 4) \
+    FUSED_FN(T, 5) FUSED_FN(T, 6) FUSED_FN(T, 7) FUSED_FN(T, 8) \
+    static __attribute__((noinline)) void buffered_##T(ARGS) { \
+        rows_buffered(T, W, row_bytes, a, r0, M, K, n0, n1, Y, ldy, y_is_bf16, scratch); \
+    } \
+    static const rows_fn fns_##T[FUSED_M + 1] = {buffered_##T, fused_##T##_1, fused_##T##_2, \
+        fused_##T##_3, fused_##T##_4, fused_##T##_5, fused_##T##_6, fused_##T##_7, \
+        fused_##T##_8};
+TYPE_FNS(Q4_0) TYPE_FNS(Q5_0) TYPE_FNS(Q5_1) TYPE_FNS(Q8_0) TYPE_FNS(Q4_K) TYPE_FNS(Q5_K)
+TYPE_FNS(Q6_K)
+
+/* Rows [n0, n1) of one weight matrix times activation rows r0 .. r0 + M - 1 into
+ * Y[m * ldy + n]; scratch: a per-thread buffer from scratch_alloc (used from 9 rows). */
+static void rows_product(int qtype, ARGS) {
+    const rows_fn *fns = qtype == Q4_0 ? fns_Q4_0 : qtype == Q5_0 ? fns_Q5_0
+                       : qtype == Q5_1 ? fns_Q5_1 : qtype == Q8_0 ? fns_Q8_0
+                       : qtype == Q4_K ? fns_Q4_K : qtype == Q5_K ? fns_Q5_K : fns_Q6_K;
+    fns[M > FUSED_M ? 0 : M](W, row_bytes, a, r0, M, K, n0, n1, Y, ldy, y_is_bf16, scratch);
 }
+#undef TYPE_FNS
+#undef FUSED_FN
+#undef ARGS
 
 static int64_t chunks_of(int qtype, int64_t K) {
     return (K + chunk_elems(qtype) - 1) / chunk_elems(qtype);
