@@ -22,7 +22,7 @@ from llama_mpi.models.kv_cache import LatentKVPool
 from llama_mpi.models.latent_attention import RowContexts, available, latent_attention
 from llama_mpi.models.layers import rms_norm
 from llama_mpi.models.rope import apply_rope
-from llama_mpi.models.weight_loader import Weight, WeightPolicy, load_weight
+from llama_mpi.models.weight_loader import Weight, WeightPolicy, load_weight, stack_rows
 
 
 class MLAttention:
@@ -36,7 +36,9 @@ class MLAttention:
         per_pair = 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim - cfg.qk_head_dim - cfg.v_head_dim
         self.absorb_max_queries = cfg.kv_lora_rank * (cfg.qk_nope_head_dim + cfg.v_head_dim
                                                       ) // max(per_pair, 1)
-        self.w = w  # q | q_a, q_a_norm, q_b; kv_a, kv_a_norm; k_b [h,C,Dn]; v_b [h,Dv,C]; o
+        # x_proj = (q | q_a) stacked with kv_a; q_a_norm, q_b; kv_a_norm; k_b [h,C,Dn];
+        # v_b [h,Dv,C]; o
+        self.w = w
 
     @classmethod
     def from_gguf(cls, gf: GGUFFile, cfg: ModelConfig, layer: int, heads: tuple[int, int],
@@ -69,26 +71,33 @@ class MLAttention:
             w["k_b"] = load("attn_k_b", start=h0, stop=h1, expect=(H, C, Dn), dense=True)
             w["v_b"] = load("attn_v_b", start=h0, stop=h1, expect=(H, Dv, C), dense=True)
         w["o"] = load("attn_output", dim=1, start=h0 * Dv, stop=h1 * Dv, expect=(E, H * Dv))
+        # the two projections of x (q or q_a, and kv_a) as one weight: one product per step
+        first = "q_a" if cfg.q_lora_rank else "q"
+        names = [p + ("attn_q_a" if cfg.q_lora_rank else "attn_q") + ".weight",
+                 p + "attn_kv_a_mqa.weight"]
+        w["x_proj"] = stack_rows(gf, [w.pop(first), w.pop("kv_a")], names, policy)
         return cls(cfg, layer, heads, absorbed, w)
 
-    REPLICATED = ("q_a", "q_a_norm", "kv_a", "kv_a_norm")  # latent projections: every rank
-
     def num_params(self) -> tuple[int, int]:
-        """(per-head parameters held here, replicated latent-projection parameters)."""
-        rep = sum(t.numel() for k, t in self.w.items() if k in self.REPLICATED)
-        return sum(t.numel() for t in self.w.values()) - rep, rep
+        """(per-head parameters held here, replicated latent-projection parameters: q_a,
+        kv_a and their norms, computed on every rank)."""
+        cfg, w = self.cfg, self.w
+        kv_rows = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        lat_rows = kv_rows + (cfg.q_lora_rank or 0)  # rows of x_proj every rank holds
+        rep = lat_rows * cfg.hidden_size + w["kv_a_norm"].numel()
+        rep += w["q_a_norm"].numel() if "q_a_norm" in w else 0
+        return sum(t.numel() for t in w.values()) - rep, rep
 
     def __call__(self, x: torch.Tensor, batch: ForwardBatch, pool: LatentKVPool,
                  rot: torch.Tensor) -> torch.Tensor:
         cfg, w, T = self.cfg, self.w, x.shape[0]
         C, Dn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
-        if "q" in w:
-            q = linear(x, w["q"])
-        else:
-            qa = rms_norm(linear(x, w["q_a"]), w["q_a_norm"], cfg.rms_norm_eps)
-            q = linear(qa, w["q_b"])
-        q = q.view(T, self.n_heads, cfg.qk_head_dim)
-        kv = linear(x, w["kv_a"])
+        proj = linear(x, w["x_proj"])  # [T, q (or q_a) | kv_a]
+        kv = proj[:, -(C + cfg.qk_rope_head_dim):]
+        q = proj[:, : -(C + cfg.qk_rope_head_dim)]
+        if "q_b" in w:
+            q = linear(rms_norm(q, w["q_a_norm"], cfg.rms_norm_eps), w["q_b"])
+        q = q.reshape(T, self.n_heads, cfg.qk_head_dim)
         c_kv = rms_norm(kv[:, :C], w["kv_a_norm"], cfg.rms_norm_eps)
         # the shared key's rope part rides along with the query heads: one rotation call
         pe = apply_rope(torch.cat([q[..., Dn:], kv[:, None, C:]], dim=1), rot)

@@ -25,7 +25,8 @@ _EXPERTS = re.compile(r"\.ffn_(gate|up|down)_exps\.")
 _PER_HEAD = re.compile(r"\.attn_(q|q_b|kv_b|k_b|v_b|output)\.")
 _FFN_COLUMNS = re.compile(r"\.ffn_(gate|up|down)(_shexp)?\.weight$")
 _DENSE_ALWAYS = re.compile(r"(_norm\.weight|\.attn_(k_b|v_b|kv_b)\.weight|ffn_gate_inp|\.bias)$")
-_GATE_UP = re.compile(r"\.ffn_(gate|up)(_exps|_shexp)?\.weight$")
+# stacked at load (gate|up; q or q_a | kv_a): dense ones are copied into one tensor
+_STACKED = re.compile(r"(\.ffn_(gate|up)(_exps|_shexp)?|\.attn_(q|q_a|kv_a_mqa))\.weight$")
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def shard_weight_bytes(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, keep_
         share = _share(name, tp_size, ep_size, vocab_parallel)
         kept = (keep_quantized and info.qtype in KEPT_TYPES and not _DENSE_ALWAYS.search(name)
                 and _columns_stay_blocks(name, info, cfg, tp_size))
-        if kept or (_NATIVE.get(info.qtype) == dtype and not _GATE_UP.search(name)):
+        if kept or (_NATIVE.get(info.qtype) == dtype and not _STACKED.search(name)):
             mapped += int(info.nbytes * share)
         else:
             copied += int(_numel(info) * share) * size

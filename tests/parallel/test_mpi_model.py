@@ -14,12 +14,12 @@ from tests.models.hf_reference import hf_logits, hf_model, load_dequantized
 from .conftest import run_mpi
 
 F32_TOL = 1e-4
-# quantized files on the C kernels in float32 (int8 activations in the <= 16-row products):
-# relative RMS error of the logits (35 prefill rows through dequantized tiles, then a
-# 4-row decode step through the integer kernels); measured <= 1.0 % against transformers and
-# <= 0.8 % against one process (np 4 dequantizes the slices that cut blocks); see
-# tests/models/test_quant_parity.py
-QUANT_REL_HF, QUANT_REL_SINGLE, QUANT_AGREE = 0.03, 0.02, 0.9
+# quantized files on the C kernels in float32 (int8 activations in every product of <= 128
+# rows): relative RMS error of the logits, bounds as in tests/models/test_quant_parity.py
+# (measured 4.3 % against transformers); against one process, np 2 differs by summation
+# order (<= 0.8 %) and np 4 also by the slices it dequantizes because they cut blocks (those
+# products skip the int8 activations: 3.8 %)
+QUANT_REL_HF, QUANT_REL_SINGLE, QUANT_AGREE = 0.08, 0.06, 0.85
 QUANTIZED = ("q8_0", "q4_k_m")
 
 
