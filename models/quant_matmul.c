@@ -422,6 +422,13 @@ static inline __attribute__((always_inline)) void rows_fused(
         const int T, const int MF, const uint8_t *W, int64_t row_bytes, const act_t *a,
         int64_t r0, int64_t K, int64_t n0, int64_t n1, void *Y, int64_t ldy, int y_is_bf16) {
     const int REGS = chunk_regs_of(T), ASYM = offset_of(T) == 0;
+    const int64_t rb = K / block_elems(T) * block_bytes(T); /* packed bytes of one row */
+    /* the first rows, before their chunks are needed: every call (and every grouped work
+     * item, often another expert) starts cold in DRAM, and the per-chunk prefetch below
+     * only reaches PREFETCH_ROWS ahead */
+    for (int64_t n = n0; n < n0 + PREFETCH_ROWS && n < n1; n++)
+        for (int64_t o = 0; o < rb; o += 64)
+            _mm_prefetch((const char *)(W + n * row_bytes + o), _MM_HINT_T2);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = W + n * row_bytes;
         __m512 acc[FUSED_M];
