@@ -81,10 +81,10 @@ def main(argv=None) -> int:
         step()
     plain = (time.perf_counter() - t0) / args.steps
     inside = kernel_time[0] / args.steps
-    n_layers = model.cfg.num_layers
+    n_layers, outside = model.cfg.num_layers, plain - inside
     print(f"without the profiler: {1000 * plain:.1f} ms/step, {1000 * inside:.1f} ms in the C "
-          f"kernels, {1000 * (plain - inside):.1f} ms outside ({100 * (plain - inside) / plain:.0f} "
-          f"%, {1000 * (plain - inside) / n_layers:.2f} ms per layer over {n_layers} layers)")
+          f"kernels, {1000 * outside:.1f} ms outside ({100 * outside / plain:.0f} %, "
+          f"{1000 * outside / n_layers:.2f} ms per layer over {n_layers} layers)")
     kernel_time[0] = 0.0
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         t0 = time.perf_counter()
