@@ -82,10 +82,14 @@ def _numel(info: TensorInfo) -> int:
 
 def estimate_load(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, keep_quantized: bool,
                   kv_tokens: int, tp_size: int = 1, ep_size: int = 1,
-                  vocab_parallel: bool = False, local_ranks: int = 1) -> MemoryEstimate:
+                  vocab_parallel: bool = False, local_ranks: int = 1, use_mmap: bool = True
+                  ) -> MemoryEstimate:
     """What loading this rank's shard and its KV pool adds, for ``local_ranks`` such ranks on
-    this machine (their copies add up; their mapped shards share one file's page cache)."""
+    this machine (their copies add up; their mapped shards share one file's page cache).
+    Without ``use_mmap`` every weight is read into anonymous memory."""
     w = shard_weight_bytes(gf, cfg, dtype, keep_quantized, tp_size, ep_size, vocab_parallel)
+    if not use_mmap:
+        w = WeightBytes(0, w.mapped + w.copied)
     size = torch.tensor([], dtype=dtype).element_size()
     kv = cfg.num_layers * kv_tokens * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * size
     n = max(1, local_ranks)

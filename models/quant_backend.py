@@ -90,7 +90,9 @@ class NativeCPUBackend(QuantBackend):
 
         raw = part.raw
         flat = raw.reshape(-1, raw.shape[-1]) if raw.dim() != 2 else raw
-        return qk.dequantize_rows(part.qtype, flat, K, dtype=dtype).view(*raw.shape[:-1], K)
+        native = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+        out = qk.dequantize_rows(part.qtype, flat, K, dtype=native).view(*raw.shape[:-1], K)
+        return out.to(dtype)  # float16 compute: through float32
 
     def matmul(self, w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
         from llama_mpi.models import quant_kernels as qk

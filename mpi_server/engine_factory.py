@@ -70,7 +70,7 @@ def check_memory(config: ServerConfig, device: torch.device, tp: int = 1, ep: in
     num_blocks, block, _ = pool_geometry(config, cfg.max_position_embeddings)
     est = estimate_load(gf, cfg, compute_dtype(config.dtype, gf, device),
                         config.quant_backend != "dequantize", num_blocks * block, tp, ep,
-                        vocab_parallel, local_ranks)
+                        vocab_parallel, local_ranks, config.use_mmap)
     limit, source = ensure_fits(est, config.model)
     ranks = f" for {local_ranks} ranks on this machine" if local_ranks > 1 else ""
     log.info("memory estimate%s: %s; this process may use %s (%s)", ranks, est.describe(),

@@ -46,3 +46,15 @@ def test_kept_blocks_are_mapped_and_dequantizing_copies(reference):
     layers, width = cfg.num_layers, cfg.kv_lora_rank + cfg.qk_rope_head_dim
     assert est.kv_pool == 2 * layers * 1024 * width * 2
     assert est.mapped_weights <= path.stat().st_size
+
+
+def test_without_mmap_every_weight_is_copied(reference):
+    _, path = reference("quant", "q4_k_m", "mla")
+    gf, cfg = open_model_file(path)
+    mapped = estimate_load(gf, cfg, torch.bfloat16, True, kv_tokens=16)
+    read = estimate_load(gf, cfg, torch.bfloat16, True, kv_tokens=16, use_mmap=False)
+    assert read.mapped_weights == 0
+    assert read.copied_weights == mapped.mapped_weights + mapped.copied_weights
+    model = load_model(path, dtype="bfloat16", quant_backend="torch", use_mmap=False)
+    assert model.policy.mapped_bytes == 0
+    assert close(read.copied_weights, model.policy.copied_bytes)
