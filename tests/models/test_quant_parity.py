@@ -35,7 +35,7 @@ from .hf_reference import hf_logits, load_dequantized
 F32_TOL = 1e-4
 NATIVE_REL = {"float32": (0.08, 0.85), "auto": (0.10, 0.80),  # (rel RMS bound, agreement)
               "decode": (0.08, 0.85)}
-FTYPES = ["q8_0", "q4_k_m", "q6_k"]
+FTYPES = ["q8_0", "q4_k_m", "q6_k", "q5_k_m", "q4_0"]  # every kept type appears in one
 needs_kernels = pytest.mark.skipif(not quant_kernels.available(),
                                    reason="the C kernels need AVX512-VNNI/BF16 and a compiler")
 
@@ -75,7 +75,9 @@ def errors(ours: list[torch.Tensor], deq, seqs) -> tuple[float, float, float]:
 def test_file_mixes_the_expected_types(dequantized, ftype):
     path, _ = dequantized(ftype)
     types = {t.qtype for t in GGUFFile(path).tensors.values()}
-    want = {"q8_0": {QT.Q8_0}, "q4_k_m": {QT.Q4_K, QT.Q6_K}, "q6_k": {QT.Q6_K, QT.Q8_0}}
+    want = {"q8_0": {QT.Q8_0}, "q4_k_m": {QT.Q4_K, QT.Q6_K, QT.Q5_0, QT.Q5_K},
+            "q6_k": {QT.Q6_K, QT.Q8_0}, "q5_k_m": {QT.Q5_K, QT.Q5_1, QT.Q6_K},
+            "q4_0": {QT.Q4_0}}
     assert want[ftype] <= types
 
 
