@@ -73,8 +73,7 @@ class MLAttention:
         w["o"] = load("attn_output", dim=1, start=h0 * Dv, stop=h1 * Dv, expect=(E, H * Dv))
         # the two projections of x (q or q_a, and kv_a) as one weight: one product per step
         first = "q_a" if cfg.q_lora_rank else "q"
-        names = [p + ("attn_q_a" if cfg.q_lora_rank else "attn_q") + ".weight",
-                 p + "attn_kv_a_mqa.weight"]
+        names = [f"{p}attn_{first}.weight", f"{p}attn_kv_a_mqa.weight"]
         w["x_proj"] = stack_rows(gf, [w.pop(first), w.pop("kv_a")], names, policy)
         return cls(cfg, layer, heads, absorbed, w)
 

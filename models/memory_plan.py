@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from math import prod
 
 import torch
-from gguf import GGMLQuantizationType as QT
+from gguf import GGML_QUANT_SIZES
 
 from llama_mpi.models.config import ModelConfig
 from llama_mpi.models.gguf_file import GGUFFile, TensorInfo
 from llama_mpi.models.memory_budget import MemoryEstimate
 from llama_mpi.models.quant_weight import KEPT_TYPES
+from llama_mpi.models.weight_loader import NATIVE_DTYPES
 
-_NATIVE = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
 _EXPERTS = re.compile(r"\.ffn_(gate|up|down)_exps\.")
 _PER_HEAD = re.compile(r"\.attn_(q|q_b|kv_b|k_b|v_b|output)\.")
 _FFN_COLUMNS = re.compile(r"\.ffn_(gate|up|down)(_shexp)?\.weight$")
@@ -44,10 +45,10 @@ def shard_weight_bytes(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, keep_
         share = _share(name, tp_size, ep_size, vocab_parallel)
         kept = (keep_quantized and info.qtype in KEPT_TYPES and not _DENSE_ALWAYS.search(name)
                 and _columns_stay_blocks(name, info, cfg, tp_size))
-        if kept or (_NATIVE.get(info.qtype) == dtype and not _STACKED.search(name)):
+        if kept or (NATIVE_DTYPES.get(info.qtype) == dtype and not _STACKED.search(name)):
             mapped += int(info.nbytes * share)
         else:
-            copied += int(_numel(info) * share) * size
+            copied += int(prod(info.ne) * share) * size
     return WeightBytes(mapped, copied)
 
 
@@ -63,21 +64,12 @@ def _share(name: str, tp: int, ep: int, vocab_parallel: bool) -> float:
 
 def _columns_stay_blocks(name: str, info: TensorInfo, cfg: ModelConfig, tp: int) -> bool:
     """A TP slice along the row stays quantized when it falls between blocks."""
-    from gguf import GGML_QUANT_SIZES
-
     block = GGML_QUANT_SIZES[info.qtype][0]
     if ".attn_output." in name:
         return (cfg.num_heads // tp * cfg.v_head_dim) % block == 0
     if re.search(r"\.ffn_down(_shexp)?\.weight$", name):
         return info.ne[0] // block >= tp  # block-aligned split (Shard.columns)
     return True
-
-
-def _numel(info: TensorInfo) -> int:
-    n = 1
-    for d in info.ne:
-        n *= d
-    return n
 
 
 def estimate_load(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, keep_quantized: bool,

@@ -24,7 +24,8 @@ from llama_mpi.models.quant_weight import KEPT_TYPES, QuantPart, QuantWeight
 log = logging.getLogger(__name__)
 
 Weight = torch.Tensor | QuantWeight
-_NATIVE = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
+# file types whose tensors are used in place when the compute dtype is theirs
+NATIVE_DTYPES = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
 
 
 @dataclass
@@ -54,11 +55,11 @@ def load_weight(gf: GGUFFile, name: str, policy: WeightPolicy, *, dim: int = 0,
     info = gf.check_shape(name, expect) if expect is not None else gf.info(name)
     q = info.qtype
     if dense or policy.backend is None or q not in KEPT_TYPES:
-        if q not in KEPT_TYPES and q not in _NATIVE:
+        if q not in KEPT_TYPES and q not in NATIVE_DTYPES:
             log.info("%s: %s is not computed on quantized; dequantized to %s at load", name,
                      q.name, str(policy.dtype).removeprefix("torch."))
         t = gf.load(name, policy.dtype, dim=dim, start=start, stop=stop)
-        mapped = _NATIVE.get(q) == policy.dtype
+        mapped = NATIVE_DTYPES.get(q) == policy.dtype
         if mapped and policy.use_mmap:
             gf.populate(t)
         return policy.count(t, mapped=mapped)
@@ -104,7 +105,7 @@ def stack_rows(gf: GGUFFile, weights: list[Weight], names: list[str], policy: We
     for w, n in zip(weights, names, strict=True):  # the parts were counted at their load
         n_bytes = w.nbytes if isinstance(w, QuantWeight) else w.numel() * w.element_size()
         if policy.use_mmap and (isinstance(w, QuantWeight)
-                                or _NATIVE.get(gf.info(n).qtype) == policy.dtype):
+                                or NATIVE_DTYPES.get(gf.info(n).qtype) == policy.dtype):
             policy.mapped_bytes -= n_bytes
         else:
             policy.copied_bytes -= n_bytes
