@@ -93,6 +93,27 @@ def _get(md: dict[str, Any], key: str, default: Any = None, *, source: str) -> A
     return default
 
 
+def _typed(md: dict[str, Any], key: str, default: Any, kind: type, *, source: str) -> Any:
+    """``_get`` then a type check, so a malformed value names the file and the key."""
+    value = _get(md, key, default, source=source)
+    if value is default and default is not ConfigError:
+        return default
+    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+    if isinstance(value, bool) or not ok or (kind is float and not math.isfinite(value)):
+        want = "an integer" if kind is int else "a finite number"
+        raise ConfigError(f"{source}: metadata key 'deepseek2.{key}' must be {want}, got "
+                          f"{value!r}")
+    return kind(value)
+
+
+def _int(md: dict[str, Any], key: str, default: Any = ConfigError, *, source: str) -> int:
+    return _typed(md, key, default, int, source=source)
+
+
+def _float(md: dict[str, Any], key: str, default: Any = ConfigError, *, source: str) -> float:
+    return _typed(md, key, default, float, source=source)
+
+
 def config_from_metadata(
     md: dict[str, Any], tensor_names: set[str], source: str, group_scoring: str = "auto"
 ) -> ModelConfig:
@@ -104,25 +125,25 @@ def config_from_metadata(
             "'deepseek2': DeepSeek-V2, V2-Lite, V2.5, V3)"
         )
     req = ConfigError
-    n_head = int(_get(md, "attention.head_count", req, source=source))
-    rope_dim = int(_get(md, "rope.dimension_count", req, source=source))
-    kv_lora = int(_get(md, "attention.kv_lora_rank", req, source=source))
+    n_head = _int(md, "attention.head_count", req, source=source)
+    rope_dim = _int(md, "rope.dimension_count", req, source=source)
+    kv_lora = _int(md, "attention.kv_lora_rank", req, source=source)
     if "deepseek2.attention.key_length_mla" in md:  # MLA-split file (llama.cpp >= #12801)
-        qk_nope = int(md["deepseek2.attention.key_length_mla"]) - rope_dim
-        v_dim = int(_get(md, "attention.value_length_mla", req, source=source))
+        qk_nope = _int(md, "attention.key_length_mla", source=source) - rope_dim
+        v_dim = _int(md, "attention.value_length_mla", req, source=source)
     else:
-        qk_nope = int(_get(md, "attention.key_length", req, source=source)) - rope_dim
-        v_dim = int(_get(md, "attention.value_length", req, source=source))
+        qk_nope = _int(md, "attention.key_length", req, source=source) - rope_dim
+        v_dim = _int(md, "attention.value_length", req, source=source)
     legacy = "blk.0.attn_kv_b.weight" in tensor_names
     if not legacy and "blk.0.attn_k_b.weight" not in tensor_names:
         raise ConfigError(f"{source}: neither attn_kv_b nor attn_k_b/attn_v_b tensors in blk.0")
-    q_lora = int(md.get("deepseek2.attention.q_lora_rank", 0) or 0)
+    q_lora = _int(md, "attention.q_lora_rank", 0, source=source)
     has_q_lora = "blk.0.attn_q_a.weight" in tensor_names
     if has_q_lora and q_lora <= 0:
         raise ConfigError(
             f"{source}: attn_q_a present but 'deepseek2.attention.q_lora_rank' absent"
         )
-    gating = int(_get(md, "expert_gating_func", GATING_SOFTMAX, source=source) or GATING_SOFTMAX)
+    gating = _int(md, "expert_gating_func", GATING_SOFTMAX, source=source) or GATING_SOFTMAX
     if gating not in (GATING_SOFTMAX, GATING_SIGMOID):
         raise ConfigError(f"{source}: deepseek2.expert_gating_func = {gating} is not 1 or 2")
     if group_scoring == "auto":
@@ -130,47 +151,47 @@ def config_from_metadata(
     if group_scoring not in ("max", "top2sum"):
         raise ConfigError(f"moe_group_scoring must be auto, max or top2sum, not {group_scoring!r}")
     scaling_type = str(_get(md, "rope.scaling.type", "none", source=source))
-    vocab = _get(md, "vocab_size", None, source=source)
+    vocab = _int(md, "vocab_size", None, source=source)
     if vocab is None:
         vocab = len(md.get("tokenizer.ggml.tokens", [])) or None
     if vocab is None:
         raise ConfigError(f"{source}: no 'deepseek2.vocab_size' and no tokenizer.ggml.tokens")
-    n_expert = int(_get(md, "expert_count", 0, source=source))
+    n_expert = _int(md, "expert_count", 0, source=source)
     cfg = ModelConfig(
         vocab_size=int(vocab),
-        hidden_size=int(_get(md, "embedding_length", req, source=source)),
-        num_layers=int(_get(md, "block_count", req, source=source)),
+        hidden_size=_int(md, "embedding_length", req, source=source),
+        num_layers=_int(md, "block_count", req, source=source),
         num_heads=n_head,
-        intermediate_size=int(_get(md, "feed_forward_length", 0, source=source)),
-        moe_intermediate_size=int(_get(md, "expert_feed_forward_length", 0, source=source)),
+        intermediate_size=_int(md, "feed_forward_length", 0, source=source),
+        moe_intermediate_size=_int(md, "expert_feed_forward_length", 0, source=source),
         num_experts=n_expert,
-        num_experts_per_tok=int(_get(md, "expert_used_count", 0, source=source)),
-        num_shared_experts=int(_get(md, "expert_shared_count", 0, source=source)),
-        first_dense_layers=int(_get(md, "leading_dense_block_count", 0, source=source)),
+        num_experts_per_tok=_int(md, "expert_used_count", 0, source=source),
+        num_shared_experts=_int(md, "expert_shared_count", 0, source=source),
+        first_dense_layers=_int(md, "leading_dense_block_count", 0, source=source),
         q_lora_rank=q_lora if has_q_lora else None,
         kv_lora_rank=kv_lora,
         qk_nope_head_dim=qk_nope,
         qk_rope_head_dim=rope_dim,
         v_head_dim=v_dim,
-        rms_norm_eps=float(_get(md, "attention.layer_norm_rms_epsilon", 1e-6, source=source)),
-        rope_theta=float(_get(md, "rope.freq_base", 10000.0, source=source)),
+        rms_norm_eps=_float(md, "attention.layer_norm_rms_epsilon", 1e-6, source=source),
+        rope_theta=_float(md, "rope.freq_base", 10000.0, source=source),
         rope_scaling_type=scaling_type,
-        rope_factor=float(_get(md, "rope.scaling.factor", 1.0, source=source)),
-        rope_original_context=int(
-            _get(md, "rope.scaling.original_context_length", 4096, source=source)
+        rope_factor=_float(md, "rope.scaling.factor", 1.0, source=source),
+        rope_original_context=_int(
+            md, "rope.scaling.original_context_length", 4096, source=source
         ),
-        rope_beta_fast=float(_get(md, "rope.scaling.yarn_beta_fast", 32.0, source=source)),
-        rope_beta_slow=float(_get(md, "rope.scaling.yarn_beta_slow", 1.0, source=source)),
+        rope_beta_fast=_float(md, "rope.scaling.yarn_beta_fast", 32.0, source=source),
+        rope_beta_slow=_float(md, "rope.scaling.yarn_beta_slow", 1.0, source=source),
         # the converter stores 0.1 * mscale_all_dim "for legacy reasons"
-        rope_mscale_all_dim=float(
-            _get(md, "rope.scaling.yarn_log_multiplier", 0.0, source=source)
+        rope_mscale_all_dim=_float(
+            md, "rope.scaling.yarn_log_multiplier", 0.0, source=source
         ) / 0.1,
-        max_position_embeddings=int(_get(md, "context_length", 4096, source=source)),
+        max_position_embeddings=_int(md, "context_length", 4096, source=source),
         gating_func=gating,
         expert_weights_norm=bool(_get(md, "expert_weights_norm", False, source=source)),
-        expert_weights_scale=float(_get(md, "expert_weights_scale", 0.0, source=source) or 0.0),
-        num_expert_groups=int(_get(md, "expert_group_count", 1, source=source) or 1),
-        num_expert_groups_used=int(_get(md, "expert_group_used_count", 1, source=source) or 1),
+        expert_weights_scale=_float(md, "expert_weights_scale", 0.0, source=source),
+        num_expert_groups=_int(md, "expert_group_count", 1, source=source) or 1,
+        num_expert_groups_used=_int(md, "expert_group_used_count", 1, source=source) or 1,
         group_scoring=group_scoring,
         has_selection_bias=f"blk.{_first_moe_layer(md)}.exp_probs_b.bias" in tensor_names,
         legacy_kv_b=legacy,
@@ -181,7 +202,7 @@ def config_from_metadata(
 
 
 def _first_moe_layer(md: dict[str, Any]) -> int:
-    return int(md.get("deepseek2.leading_dense_block_count", 0) or 0)
+    return int(md.get("deepseek2.leading_dense_block_count", 0) or 0)  # checked in _int
 
 
 def _check(cfg: ModelConfig, source: str) -> None:

@@ -46,9 +46,14 @@ def _final(request_id: str, reason: str, error: str | None = None) -> RequestOut
 
 
 class AsyncEngine(AsyncEngineAPI):
-    def __init__(self, engine: Engine, batch_wait_s: float = 0.0) -> None:
+    def __init__(self, engine: Engine, batch_wait_s: float = 0.0,
+                 step_timeout_s: float = 120.0) -> None:
+        if not (0.0 <= batch_wait_s <= 10.0 and 0.0 < step_timeout_s < float("inf")):
+            raise ValueError(f"batch_wait_s {batch_wait_s} / step_timeout_s {step_timeout_s}")
         self.engine = engine
         self.batch_wait_s = batch_wait_s
+        self.step_timeout_s = step_timeout_s
+        self._step_started: float | None = None  # monotonic start of the running step
         self.max_model_len = engine.max_model_len
         self._cv = threading.Condition()  # guards the fields below
         self._streams: dict[str, _Stream] = {}
@@ -115,6 +120,19 @@ class AsyncEngine(AsyncEngineAPI):
     def is_dead(self) -> bool:
         return self._dead is not None
 
+    def health(self) -> str | None:
+        if self._dead is not None:
+            return f"the inference engine has failed: {self._dead}"
+        if not self._thread.is_alive() and not self._stop:
+            return "the inference engine thread has stopped"
+        started = self._step_started
+        if started is not None:
+            running = time.monotonic() - started
+            if running > self.step_timeout_s:
+                return (f"a step has been running for {running:.1f} s (limit "
+                        f"{self.step_timeout_s:g} s): a rank or collective may be hung")
+        return self.engine.executor.health()
+
     # -- event-loop side ----------------------------------------------------------------------
 
     def _submit(
@@ -155,6 +173,13 @@ class AsyncEngine(AsyncEngineAPI):
     # -- engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # noqa: BLE001 - outside a step (a bug): still fail loudly
+            log.exception("engine thread failed; failing every pending request")
+            self._fail(exc)
+
+    def _loop(self) -> None:
         while True:
             with self._cv:
                 while not (
@@ -173,6 +198,7 @@ class AsyncEngine(AsyncEngineAPI):
                 # Hold the step lock before letting go of the condition, so that an abort
                 # arriving now is queued rather than applied mid-step.
                 self._step_lock.acquire()
+            self._step_started = time.monotonic()
             try:
                 outputs = self._apply(adds, aborts)
                 outputs += self.engine.step()
@@ -181,6 +207,7 @@ class AsyncEngine(AsyncEngineAPI):
                 self._fail(exc)
                 return
             finally:
+                self._step_started = None
                 self._step_lock.release()
             self._deliver(outputs)
             if self.engine.last_num_tokens == 0 and self.engine.has_unfinished():

@@ -19,10 +19,13 @@ from typing import Any
 import uvicorn
 
 from llama_mpi.mpi_server.http import attach_engine, create_app, server_state
+from llama_mpi.parallel.startup import StartupError
 
 log = logging.getLogger("llama_mpi.server")
 
 DRAIN_SECONDS = 10.0  # engine.shutdown()'s default drain window
+# Start-up failures whose message says it all (file, key, why): no traceback unless verbose.
+OPERATOR_ERRORS = (ValueError, MemoryError, OSError, StartupError)
 
 
 class _Server(uvicorn.Server):
@@ -117,8 +120,9 @@ async def _serve(config: Any, build: Callable[[Any], Any] = _default_build) -> i
             start = getattr(engine, "start", None)  # engines that need the loop start here
             if start is not None and inspect.iscoroutinefunction(start):
                 await start()
-        except (ValueError, MemoryError) as exc:  # bad file, config or budget: one message
-            log.error("model loading failed: %s", exc)
+        except OPERATOR_ERRORS as exc:  # bad file, key, rank count or budget: one message
+            log.error("model loading failed: %s", exc,
+                      exc_info=exc if getattr(config, "verbose", False) else None)
             failed = True
             server.should_exit = True
             return
@@ -147,13 +151,25 @@ def configure(prog: str, argv: list[str] | None) -> Any | None:
     """Logging plus the configuration from file and flags; None (after printing why) if bad."""
     from llama_mpi.mpi_server.config import ConfigError, load_config
 
-    logging.basicConfig(level=logging.INFO,
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in args or "-v" in args
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return load_config(None, list(sys.argv[1:] if argv is None else argv))
+        config = load_config(None, args)
     except ConfigError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        if _is_rank0():  # every rank parses the same file: say it once per job
+            print(f"{prog}: {exc}", file=sys.stderr)
         return None
+    if config.verbose and not verbose:  # set in the file: raise the level now
+        logging.getLogger().setLevel(logging.DEBUG)
+    return config
+
+
+def _is_rank0() -> bool:
+    from llama_mpi.parallel.abort import world_rank
+
+    return world_rank() == 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,9 @@ _VALUE_FLAGS: list[tuple[tuple[str, ...], str, str]] = [
 _SWITCH_FLAGS: list[tuple[str, str, bool]] = [
     ("--no-mmap", "use_mmap", False),
     ("--mlock", "use_mlock", True),
+    ("--verbose", "verbose", True),
+    ("-v", "verbose", True),
+    ("--strict-model-name", "strict_model_name", True),
 ]
 
 

@@ -11,7 +11,9 @@ import dataclasses
 import difflib
 import importlib.util
 import logging
+import math
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,16 +33,29 @@ _AUTO_OR_POS = (lambda v: v == -1 or v > 0, "must be -1 (auto) or a positive int
 _OFF_OR_POS = (lambda v: v == -1 or v > 0, "must be -1 (off) or a positive integer")
 _ALL_OR_NONNEG = (lambda v: v >= -1, "must be -1 (all layers) or a non-negative integer")
 _PORT = (lambda v: 0 <= v <= 65535, "must be an integer in [0, 65535]")
-_POS_FLOAT = (lambda v: v > 0, "must be a positive number")
-_NONNEG_FLOAT = (lambda v: v >= 0, "must be a number >= 0")
+_TIMEOUT = (lambda v: 0 < v <= 86400, "must be a number of seconds in (0, 86400]")
+_BATCH_WAIT = (lambda v: 0 <= v <= 10000, "must be a number of milliseconds in [0, 10000]")
 _DEFRAG = (lambda v: v == -1 or 0 <= v <= 1, "must be -1 (off) or a number in [0, 1]")
 _NONEMPTY = (lambda v: v != "", "must be a non-empty string")
 _NONEMPTY_OR_NULL = (lambda v: v is None or v != "", "must be a non-empty string or null")
 
+
+def _resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+# Resolved when the value is set, so a typo fails at start-up naming the key, not at bind.
+_HOST = (lambda v: v != "" and _resolves(v), "must be an address or a host name this machine "
+         "can resolve")
+
 _KIND_TEXT = {
     "bool": "must be true or false",
     "int": "must be an integer",
-    "float": "must be a number",
+    "float": "must be a finite number",
     "str": "must be a string",
     "str?": "must be a string or null",
     "floats": "must be a list of non-negative numbers, not all zero",
@@ -82,7 +97,7 @@ class ServerConfig:
     reranking: bool = _k(False, "bool", "rerank endpoint (not provided: warns)")
     port: int = _k(8080, "int", "HTTP port; 0 picks a free one", _PORT)
     n_threads_http: int = _k(-1, "int", "HTTP threads (asyncio loop: unused)", _AUTO_OR_POS)
-    hostname: str = _k("127.0.0.1", "str", "address the HTTP server binds", _NONEMPTY)
+    hostname: str = _k("127.0.0.1", "str", "address the HTTP server binds", _HOST)
     chat_template: str | None = _k(None, "str?", "Jinja chat template; null = the GGUF's")
     # --- keys of this runtime ---
     api_key: str | None = _k(None, "str?", "Bearer token required by the API", _NONEMPTY_OR_NULL)
@@ -94,14 +109,23 @@ class ServerConfig:
     moe_comm: str = _k("alltoall", ("alltoall", "allreduce"), "expert-parallel exchange")
     moe_group_scoring: str = _k("auto", ("auto", "max", "top2sum"), "MoE group-limited routing")
     comm_backend: str = _k("auto", ("auto", "mpi", "gloo", "nccl", "hccl"), "collectives backend")
-    collective_timeout: float = _k(300.0, "float", "seconds before a collective fails", _POS_FLOAT)
+    collective_timeout: float = _k(300.0, "float", "seconds before a collective fails", _TIMEOUT)
+    heartbeat_timeout: float = _k(10.0, "float", "MPI: seconds without a heartbeat from a rank "
+                                  "(stopped, hung or gone) before the job is ended", _TIMEOUT)
+    health_step_timeout: float = _k(120.0, "float", "/health answers 503 while one step has run "
+                                    "longer than this (a hung rank or collective)", _TIMEOUT)
     kv_block_size: int = _k(16, "int", "tokens per paged KV block", _POSITIVE)
     max_queue: int = _k(256, "int", "waiting requests before HTTP 503", _POSITIVE)
     vocab_parallel: bool = _k(True, "bool", "split the LM head over ranks (MPI; measured faster)")
     prefix_caching: bool = _k(True, "bool", "reuse KV blocks of shared prompt prefixes")
     batch_wait_ms: float = _k(2.0, "float", "when idle, wait for a burst of requests to end "
                               "(this long without a new one, at most 10x) before the first "
-                              "step; 0 = start at once", _NONNEG_FLOAT)
+                              "step; 0 = start at once", _BATCH_WAIT)
+    max_request_bytes: int = _k(0, "int", "largest HTTP request body (413 beyond); 0 = auto: "
+                                "max(4 MiB, 64 bytes x n_ctx)", _NONNEG)
+    strict_model_name: bool = _k(False, "bool", "answer 404 for a `model` other than the one "
+                                 "served (default: serve it anyway, as llama.cpp does)")
+    verbose: bool = _k(False, "bool", "debug logging, and tracebacks for start-up errors")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
@@ -122,6 +146,15 @@ def describe_keys() -> list[tuple[str, str, Any, str]]:
     ]
 
 
+def _is_finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float range
+        return False
+
+
 def check_value(key: str, value: Any) -> Any:
     """Return ``value`` normalised for ``key``; raise ``ValueError(why)`` if it does not fit."""
     kind, rule = _FIELDS[key].metadata["kind"], _FIELDS[key].metadata["rule"]
@@ -137,15 +170,16 @@ def check_value(key: str, value: Any) -> Any:
             raise ValueError(why)
         try:
             out = tuple(float(v) for v in value if not isinstance(v, bool))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(why) from None
-        if len(out) != len(value) or any(v < 0 for v in out) or (out and not any(out)):
+        if len(out) != len(value) or any(not math.isfinite(v) or v < 0 for v in out) or (
+                out and not any(out)):
             raise ValueError(why)
         return out
     ok = {
         "bool": isinstance(value, bool),
         "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "float": _is_finite_number(value),
         "str": isinstance(value, str),
         "str?": value is None or isinstance(value, str),
     }[kind]

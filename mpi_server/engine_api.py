@@ -59,6 +59,10 @@ class AsyncEngineAPI(ABC):
     @abstractmethod
     def stats(self) -> EngineStats: ...
 
+    def health(self) -> str | None:
+        """None while requests can be served, else why not (``/health`` answers 503 with it)."""
+        return None
+
     @abstractmethod
     async def shutdown(self, drain_timeout: float = 10.0) -> None:
         """Stop taking requests, finish or cancel what runs, release the executor."""

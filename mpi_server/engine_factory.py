@@ -142,5 +142,6 @@ def build_engine(config: ServerConfig, executor: ModelExecutor | None = None
                         max_queue=config.max_queue, cont_batching=config.cont_batching,
                         enable_prefix_caching=config.prefix_caching, no_perf=config.no_perf,
                         presample_count=config.presample_count)
-    engine = AsyncEngine(Engine(executor, tokenizer, ecfg), config.batch_wait_ms / 1000)
+    engine = AsyncEngine(Engine(executor, tokenizer, ecfg), config.batch_wait_ms / 1000,
+                         step_timeout_s=config.health_step_timeout)
     return engine, tokenizer, chat_to_ids, executor.vocab_size, engine.max_model_len

@@ -27,6 +27,11 @@ class ModelExecutor(ABC):
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits ``[len(batch.logits_indices), vocab_size]`` on ``self.device``."""
 
+    def health(self) -> str | None:
+        """None if every rank behind this executor is alive, else why not (e.g. a silent
+        rank); the engine's ``health`` reports it."""
+        return None
+
     def shutdown(self) -> None:
         """Release ranks / devices. Idempotent."""
         return None

@@ -24,42 +24,69 @@ def main(argv: list[str] | None = None) -> int:
     from llama_mpi.mpi_server.rank_runtime import DrivingExecutor, load_shard, run_worker
     from llama_mpi.parallel.bootstrap import init_parallel
     from llama_mpi.parallel.guard import run_guarded
+    from llama_mpi.parallel.heartbeat import Heartbeat
+    from llama_mpi.parallel.startup import StartupError, run_agreed
     from llama_mpi.parallel.step_channel import StepChannel
 
     ctx = init_parallel(config.device, n_threads=config.n_threads if config.n_threads > 0
                         else None, backend=config.comm_backend,
                         timeout=config.collective_timeout)
     channel = StepChannel(ctx.comm)
+    heartbeat = None
+    if ctx.world_size > 1:
+        from mpi4py import MPI
+
+        heartbeat = Heartbeat.start(MPI.COMM_WORLD, timeout=config.heartbeat_timeout)
 
     def prepare():
-        model = run_guarded(load_shard, config, ctx)
-        geometry = pool_geometry(config, model.cfg.max_position_embeddings)
-        return model, geometry
+        def work():
+            if ctx.rank == 0:
+                build_tokenizer(config)  # fail fast on a bad vocabulary or chat template
+            model = load_shard(config, ctx)
+            return model, pool_geometry(config, model.cfg.max_position_embeddings)
+
+        if ctx.world_size == 1:
+            return work()
+        from mpi4py import MPI
+
+        return run_agreed(MPI.COMM_WORLD, work, verbose=config.verbose)
 
     if ctx.rank != 0:
         # mpirun forwards SIGTERM/SIGINT to every rank; workers leave on rank 0's shutdown
         # message instead, so that rank 0 can finish the step in flight first
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        model, (blocks, block, _) = prepare()
+        try:
+            model, (blocks, block, _) = prepare()
+        except StartupError:  # rank 0 prints the job's message
+            return 1
         run_guarded(run_worker, model, blocks, block, channel)
+        if heartbeat is not None:
+            heartbeat.close()
         return 0
 
     from llama_mpi.mpi_server.cli import serve
     from llama_mpi.parallel.abort import abort_job
 
     executors: list[DrivingExecutor] = []
+    agreed_failure = False
 
     def build(cfg):
-        build_tokenizer(cfg)  # fail fast on a bad vocabulary
-        model, (blocks, block, max_len) = prepare()
+        nonlocal agreed_failure
+        try:
+            model, (blocks, block, max_len) = prepare()
+        except StartupError:
+            agreed_failure = True  # every rank knows and leaves by itself
+            raise
         executor = DrivingExecutor(model, channel, ctx, num_blocks=blocks, block_size=block,
                                    max_model_len=max_len, n_threads=ctx.n_threads,
-                                   n_threads_batch=config.n_threads_batch)
+                                   n_threads_batch=config.n_threads_batch, heartbeat=heartbeat)
         executors.append(executor)
         return build_engine(cfg, executor)
 
     code = serve(config, build)
+    if agreed_failure:
+        return code or 1
     if code != 0 or not executors:  # the other ranks may be loading or waiting: end them
         abort_job(f"rank 0: llama-mpi-server failed (exit {code}); aborting the job", code or 1)
     executors[0].shutdown()  # idempotent; the engine normally did it already

@@ -21,6 +21,7 @@ from llama_mpi.moe.ep_dispatchers import make_dispatcher
 from llama_mpi.mpi_server.config import ServerConfig
 from llama_mpi.mpi_server.local_executor import LocalExecutor
 from llama_mpi.parallel.bootstrap import ParallelContext
+from llama_mpi.parallel.heartbeat import Heartbeat
 from llama_mpi.parallel.step_channel import StepChannel
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,13 @@ class DrivingExecutor(LocalExecutor):
     """Rank 0's executor: publish the step, then run this rank's part of it."""
 
     def __init__(self, model: DeepseekV2, channel: StepChannel, ctx: ParallelContext,
-                 **kwargs: int) -> None:
+                 heartbeat: Heartbeat | None = None, **kwargs: int) -> None:
         super().__init__(model, **kwargs)
         self.channel, self.ctx, self._closed = channel, ctx, False
+        self.heartbeat = heartbeat
+
+    def health(self) -> str | None:
+        return None if self.heartbeat is None else self.heartbeat.health()
 
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
         try:
@@ -75,6 +80,8 @@ class DrivingExecutor(LocalExecutor):
     def shutdown(self) -> None:
         if not self._closed:
             self._closed = True
+            if self.heartbeat is not None:  # the workers leave now: no alarm for that
+                self.heartbeat.close()
             self.channel.publish(None)
 
 

@@ -25,7 +25,8 @@ def rewrite(src: Path, dst: Path, *, drop: str = "", metadata: dict | None = Non
             continue
         value = metadata.get(key, field.contents())
         sub = field.types[1] if len(field.types) > 1 else None
-        writer.add_key_value(key, value, field.types[0], sub_type=sub)
+        vtype = gguf.GGUFValueType.STRING if isinstance(value, str) else field.types[0]
+        writer.add_key_value(key, value, vtype, sub_type=sub)
     for t in reader.tensors:
         if t.name == drop:
             continue
@@ -99,6 +100,15 @@ def test_shape_disagrees_with_metadata(good, tmp_path):
                   metadata={"deepseek2.expert_feed_forward_length": 48})
     with pytest.raises(GGUFError, match=r"shape\.gguf: tensor 'blk\.\d+\.[\w.]+' has shape "
                        r"\[.*\] but the metadata implies"):
+        load_model(bad)
+
+
+@pytest.mark.parametrize("key", ["deepseek2.expert_count", "deepseek2.block_count",
+                                 "deepseek2.rope.freq_base"])
+def test_a_metadata_value_of_the_wrong_type_names_file_and_key(good, tmp_path, key):
+    bad = rewrite(good, tmp_path / "typed.gguf", metadata={key: "sixty-four"})
+    with pytest.raises(ValueError, match=rf"typed\.gguf: metadata key '{key}' must be (an "
+                       rf"integer|a finite number), got 'sixty-four'"):
         load_model(bad)
 
 

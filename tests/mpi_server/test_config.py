@@ -98,12 +98,36 @@ def test_out_of_range_value_names_file_key_and_value(tmp_path: Path) -> None:
         "presample_count: 0",
         "hostname: ''",
         "collective_timeout: 0",
+        "collective_timeout: .inf",
+        "batch_wait_ms: .inf",  # once killed the engine thread at the first request
+        "batch_wait_ms: .nan",
+        "batch_wait_ms: 1e400",
+        "heartbeat_timeout: 0",
+        "health_step_timeout: -1",
+        "tensor_split: [1, .inf]",
+        "defrag_thold: .nan",
+        "max_request_bytes: -1",
+        "strict_model_name: 1",
+        "hostname: not a host",
     ],
 )
 def test_bad_values_are_rejected(tmp_path: Path, text: str) -> None:
     key = text.split(":")[0]
     with pytest.raises(ConfigError, match=f": {key}: "):
         load_config(write(tmp_path, text + "\n"))
+
+
+def test_an_unresolvable_hostname_names_the_key_at_start_up(tmp_path: Path) -> None:
+    path = write(tmp_path, 'hostname: "not a host"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: hostname: must be an address or a host name this "
+                              "machine can resolve, got 'not a host'")
+
+
+def test_resolvable_hostnames_are_accepted(tmp_path: Path) -> None:
+    for host in ("localhost", "0.0.0.0", "::1"):
+        assert load_config(write(tmp_path, f'hostname: "{host}"\n')).hostname == host
 
 
 def test_unknown_key_suggests_closest(tmp_path: Path) -> None:
