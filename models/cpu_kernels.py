@@ -4,7 +4,8 @@ The sources next to this file (``bf16_gemv.c``: skinny bf16 matmuls for decode;
 ``moe_combine.c``: the weighted scatter-add that sums routed-expert outputs;
 ``mla_attention.c``: absorbed MLA attention over the paged latent pool; ``rms_norm.c``;
 ``swiglu.c``: the SwiGLU activation; ``quant_matmul.c``: products and row dequantization
-straight from quantized GGUF blocks, with AVX512-VNNI) are compiled by the system C compiler
+straight from quantized GGUF blocks, with AVX512-VNNI; ``decode_fused.c``: a whole decode
+layer in one call, built on the others) are compiled by the system C compiler
 into one shared library under ``~/.cache/llama-mpi/kernels`` (named by a hash of the sources
 and flags, written atomically: ranks may race here), loaded with ctypes and run on torch's own
 OpenMP threads. Without a compiler, without AVX512-BF16 and AVX512-VNNI, or with
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(n) for n in ("bf16_gemv.c", "moe_combine.c",
                                                  "mla_attention.c", "rms_norm.c",
-                                                 "swiglu.c", "quant_matmul.c")]
+                                                 "swiglu.c", "quant_matmul.c",
+                                                 "decode_fused.c")]
 CACHE = Path(os.environ.get("LLAMA_MPI_KERNEL_CACHE", "~/.cache/llama-mpi/kernels")).expanduser()
 HEADERS = [Path(__file__).with_name("kernel_util.h")]  # included by the sources
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c",
@@ -34,7 +36,7 @@ _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 # 0 or an error code; every other kernel returns void
 _RETURNS_INT = {"mla_attention_bf16", "quantize_rows_q8", "quant_matmul", "grouped_quant_matmul",
-                "quant_dequant_rows"}
+                "quant_dequant_rows", "fused_decode_layer"}
 _C = ctypes.c_int
 _SIGNATURES = {  # name: argument types (the last int is the thread count)
     "skinny_bf16_matmul": [_P] * 3 + [_I] * 3 + [ctypes.c_int],
@@ -53,6 +55,9 @@ _SIGNATURES = {  # name: argument types (the last int is the thread count)
     "grouped_quant_matmul": [_C, _P, _I, _I, _P, _P, _I, _P, _P, _P, _P, _I, _C, _I, _I, _C],
     # (qtype, W, row_bytes, rows or NULL, nrows, K, out, out_is_bf16, nthreads)
     "quant_dequant_rows": [_C, _P, _I, _P, _I, _I, _P, _C, _C],
+    # (layer, step, x, out, pool, mode): one decode layer (decode_fused.c, fused_decode.py)
+    "fused_decode_layer": [_P] * 5 + [_I],
+    "fused_decode_profile": [ctypes.c_int, _P],  # (on, stats out or NULL)
 }
 
 

@@ -8,6 +8,7 @@ here), a tensor-parallel all-reduce and a MoE ``Dispatcher``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ from llama_mpi.models.attention import MLAttention
 from llama_mpi.models.config import ModelConfig
 from llama_mpi.models.fast_linear import embedding, linear
 from llama_mpi.models.forward_batch import ForwardBatch
+from llama_mpi.models.fused_decode import MAX_ROWS as MAX_FUSED_ROWS
+from llama_mpi.models.fused_decode import FusedDecoder
 from llama_mpi.models.gguf_file import GGUFFile
 from llama_mpi.models.kv_cache import LatentKVPool
 from llama_mpi.models.layers import SwiGLU, rms_norm
@@ -28,6 +31,8 @@ from llama_mpi.models.shard import Shard
 from llama_mpi.models.weight_loader import Weight, WeightPolicy, load_weight
 from llama_mpi.moe.dispatcher import Dispatcher, LocalDispatcher
 from llama_mpi.moe.moe_layer import MoE
+
+log = logging.getLogger(__name__)
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -49,6 +54,10 @@ class RuntimeOptions:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     quant_backend: str = "auto"  # see quant_backend.choose_backend
     use_mmap: bool = True
+    # decode steps (<= 16 rows) in one native call per layer where the model allows it
+    # (fused_decode.py); False: always the eager torch path
+    fused_decode: bool = True
+    graph_mode: str = "off"  # see graph_mode.GRAPH_MODES
 
 
 class Block:
@@ -59,25 +68,28 @@ class Block:
         self.cfg, self.attn, self.ffn = cfg, attn, ffn
         self.attn_norm, self.ffn_norm, self.opts = attn_norm, ffn_norm, opts
 
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        # sum TP partials in float32: the residual stream is float32 anyway (alone, the
+        # add below promotes the partial to float32 without a separate copy)
+        all_reduce = self.opts.all_reduce
+        return partial if all_reduce is _identity else all_reduce(partial.float())
+
     def __call__(self, x: torch.Tensor, batch: ForwardBatch, pool: LatentKVPool,
                  rot: torch.Tensor) -> torch.Tensor:
-        eps, all_reduce = self.cfg.rms_norm_eps, self.opts.all_reduce
+        h = rms_norm(x, self.attn_norm, self.cfg.rms_norm_eps)
+        x = x + self.reduce(self.attn(h, batch, pool, rot))
+        return self.ffn_part(x)
 
-        def reduce(partial: torch.Tensor) -> torch.Tensor:
-            # sum TP partials in float32: the residual stream is float32 anyway (alone, the
-            # add below promotes the partial to float32 without a separate copy)
-            return partial if all_reduce is _identity else all_reduce(partial.float())
-
-        h = rms_norm(x, self.attn_norm, eps)
-        x = x + reduce(self.attn(h, batch, pool, rot))
-        h = rms_norm(x, self.ffn_norm, eps)
+    def ffn_part(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream after this layer's FFN or MoE (eager)."""
+        h = rms_norm(x, self.ffn_norm, self.cfg.rms_norm_eps)
         if isinstance(self.ffn, SwiGLU):
-            return x + reduce(self.ffn(h))
+            return x + self.reduce(self.ffn(h))
         routed, shared = self.ffn(h)
         if self.ffn.dispatcher.complete:  # routed sum is whole here; only shared is partial
-            return x + routed + (reduce(shared) if shared is not None else 0)
+            return x + routed + (self.reduce(shared) if shared is not None else 0)
         partial = routed if shared is None else routed + shared
-        return x + reduce(partial)
+        return x + self.reduce(partial)
 
 
 class DeepseekV2:
@@ -89,6 +101,8 @@ class DeepseekV2:
         self.policy = policy  # what stayed mapped from the file and what was copied
         self.devices = opts.layer_devices or [opts.device] * cfg.num_layers
         self.rope = {d: RotaryEmbedding(cfg, d) for d in set(self.devices)}
+        self._fused: FusedDecoder | None | bool = False  # False: not built yet
+        self._fallbacks: set[str] = set()  # reasons already logged
 
     @classmethod
     def from_gguf(cls, gf: GGUFFile, cfg: ModelConfig, opts: RuntimeOptions) -> DeepseekV2:
@@ -146,7 +160,11 @@ class DeepseekV2:
         # the residual stream stays float32 (as in llama.cpp); matmuls run in the compute dtype
         x = embedding(batch.input_ids, self.embed)
         rot = {dev: self.rope[dev].rotations(batch.positions)}
-        for block, d in zip(self.blocks, self.devices, strict=True):
+        fused = self._fused_for(batch, pool)
+        blocks = [] if fused is not None else self.blocks
+        if fused is not None:
+            x = fused.run_layers(x, batch, pool, rot[dev])
+        for block, d in zip(blocks, self.devices, strict=False):
             if d != x.device:  # layer split: hand the activations to the next device
                 x, batch = x.to(d), batch.to(d)
             if d not in rot:
@@ -161,6 +179,32 @@ class DeepseekV2:
         return out
 
     __call__ = forward
+
+    @property
+    def fused_decode(self) -> bool:
+        """Whether decode steps may run in native per-layer calls (``fused_decode.py``)."""
+        return self.opts.fused_decode
+
+    @fused_decode.setter
+    def fused_decode(self, on: bool) -> None:
+        self.opts.fused_decode = bool(on)
+
+    def _fused_for(self, batch: ForwardBatch, pool: LatentKVPool) -> FusedDecoder | None:
+        """The fused decoder if this step can run on it, else None (a new reason for the
+        eager path is logged once)."""
+        if not self.opts.fused_decode or batch.num_tokens > MAX_FUSED_ROWS:
+            return None
+        if self._fused is False:
+            self._fused = FusedDecoder.build(self)
+        if self._fused is None or self._fused is True:
+            return None
+        why = self._fused.accepts(batch, pool)
+        if why is None:
+            return self._fused
+        if why not in self._fallbacks:
+            self._fallbacks.add(why)
+            log.info("decode step runs eagerly: %s", why)
+        return None
 
     def param_counts(self) -> dict[str, int]:
         """Parameters held here: routed experts, per-head attention, the replicated latent
