@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -30,7 +31,8 @@ class SamplingParams:
         return self.temperature <= 0.0
 
     def validate(self, vocab_size: int | None = None) -> None:
-        """Raise ``ValueError("<param>: <why>")`` for values no sampler can honour."""
+        """Raise ``ValueError("<param>: <why>")`` for values no sampler can honour (NaN fails
+        every range check)."""
         checks = [
             ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
             ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
@@ -42,6 +44,9 @@ class SamplingParams:
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
             ("n", 1 <= self.n <= 16, "must be in [1, 16]"),
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
+            ("seed", self.seed is None or 0 <= self.seed < 1 << 64, "must be in [0, 2^64 - 1]"),
+            ("logit_bias", all(math.isfinite(b) and -100.0 <= b <= 100.0
+                               for b in self.logit_bias.values()), "biases must be in [-100, 100]"),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -14,6 +14,7 @@ from llama_mpi.mpi_server.engine_api import AsyncEngineAPI
 from llama_mpi.mpi_server.http import lightllm_routes, llamacpp_routes, openai_routes
 from llama_mpi.mpi_server.http.auth import AuthMiddleware
 from llama_mpi.mpi_server.http.errors import CatchAllMiddleware, install_error_handlers
+from llama_mpi.mpi_server.http.limits import BodyLimitMiddleware
 from llama_mpi.mpi_server.http.metrics import Metrics, RequestCounterMiddleware
 from llama_mpi.mpi_server.http.state import ChatToIds, ServerState, get_state
 
@@ -32,16 +33,25 @@ def create_app(
     model_aliases: Sequence[str] = (),
     special: bool = False,
     ready: bool | None = None,
+    max_request_bytes: int = 0,
+    strict_model_name: bool = False,
 ) -> FastAPI:
     """The HTTP app. ``engine=None`` (or ``ready=False``) starts it in the "loading" state:
     ``/health`` answers 503 until :func:`attach_engine` installs the model.
+
+    ``max_request_bytes``: larger request bodies get 413 before they are parsed; 0 means
+    ``max(4 MiB, 64 * max_model_len)`` (``limits.auto_body_limit``), following the context
+    length installed by :func:`attach_engine`. ``strict_model_name``: a request naming another
+    model than this one (or an alias) gets OpenAI's 404; by default it is served, as llama.cpp
+    serves its one model under any name.
 
     The app's lifespan shutdown stops taking requests and awaits ``engine.shutdown()``.
     """
     metrics = Metrics()
     state = ServerState(model_name=model_name, api_key=api_key or None, metrics=metrics,
                         display_chat=display_chat, no_perf=no_perf, special=special,
-                        model_aliases=tuple(model_aliases))
+                        model_aliases=tuple(model_aliases), strict_model_name=strict_model_name,
+                        max_request_bytes=max(int(max_request_bytes), 0))
     if engine is not None:
         state.attach(engine, tokenizer, chat_to_ids, vocab_size, max_model_len)
         state.ready = True if ready is None else ready
@@ -67,6 +77,8 @@ def create_app(
         return Response(st.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     # Added last = outermost: the counter sees every status, including 401s and crashes.
+    # The body limit sits inside auth, so a client without the key cannot make us read a body.
+    app.add_middleware(BodyLimitMiddleware, limit=state.body_limit)
     if state.api_key:
         app.add_middleware(AuthMiddleware, api_key=state.api_key)
     app.add_middleware(CatchAllMiddleware)

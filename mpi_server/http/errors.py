@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,6 +25,22 @@ _TYPE_BY_STATUS = {
 
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def has_surrogate(text: str) -> bool:
+    """A lone UTF-16 surrogate: valid in JSON (``"\\ud800"``) but not Unicode; UTF-8 cannot
+    encode it."""
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def printable(text: str) -> str:
+    """``text`` with lone surrogates written as ``\\udXXX``, so an error message quoting a
+    client's string can always be sent."""
+    if not has_surrogate(text):
+        return text
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
 
 class APIError(Exception):
     """Raised anywhere in a route; rendered as ``{"error": {...}}`` with ``status``."""
@@ -38,6 +55,7 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message = printable(message)
         super().__init__(message)
         self.status = status
         self.message = message
@@ -84,18 +102,28 @@ def _validation_to_error(exc: RequestValidationError) -> APIError:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return bad_request(f"Malformed JSON body: {first.get('msg', '')}", code="json_invalid")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # The field path up to the first list index or pydantic union-branch name ("str", ...).
+    # Of a union's per-branch errors, one from our own validators says the most.
+    first = next((e for e in errors if e.get("type") == "value_error"), first)
+    loc = [p for p in first.get("loc", ()) if p != "body"]
+    # The field path up to the first union-branch name ("str", "function-after[...]") or dict
+    # key; param stops at the first list index too.
     names: list[str] = []
+    path: list[str] = []
     for part in loc:
+        if isinstance(part, int):
+            path.append(str(part))
+            continue
         if not part.isidentifier() or part in _TYPE_NAMES:
             break
-        names.append(part)
+        path.append(part)
+        if len(path) == len(names) + 1:
+            names.append(part)
     param = ".".join(names) or None
-    where = ".".join(loc) or "body"
+    where = ".".join(path) or "body"
+    msg = str(first.get("msg", "")).removeprefix("Value error, ")
     if first.get("type") == "missing":
         return bad_request(f"Missing required field: {where}", param=param, code="missing")
-    return bad_request(f"Invalid value for {where}: {first.get('msg', '')}", param=param)
+    return bad_request(f"Invalid value for {where}: {msg}", param=param)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -32,7 +32,7 @@ def engine_error(exc: BaseException) -> APIError:
         return APIError(503, "Server is busy: the request queue is full; retry shortly",
                         type="server_error", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(exc, EngineDeadError):
-        return APIError(500, f"The inference engine has failed: {exc}", type="server_error",
+        return APIError(503, f"The inference engine is unavailable: {exc}", type="server_error",
                         code="engine_dead")
     if isinstance(exc, ValueError):
         return from_value_error(exc, "prompt")

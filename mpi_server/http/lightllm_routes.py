@@ -12,7 +12,7 @@ from llama_mpi.mpi_server.http import serving
 from llama_mpi.mpi_server.http.errors import APIError
 from llama_mpi.mpi_server.http.generation import Generation
 from llama_mpi.mpi_server.http.openai_format import new_id
-from llama_mpi.mpi_server.http.protocol import _Request
+from llama_mpi.mpi_server.http.protocol import FiniteFloat, Text, _Request
 from llama_mpi.mpi_server.http.sampling import build_params
 from llama_mpi.mpi_server.http.sse import EventStream, sse
 from llama_mpi.mpi_server.http.state import ServerState, get_state
@@ -24,27 +24,27 @@ router = APIRouter()
 class LightParameters(_Request):
     max_new_tokens: int = 16
     do_sample: bool = False  # LightLLM: greedy unless asked to sample
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: FiniteFloat = 1.0
+    top_p: FiniteFloat = 1.0
     top_k: int = -1
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop_sequences: str | list[str] | None = None
+    repetition_penalty: FiniteFloat = 1.0
+    presence_penalty: FiniteFloat = 0.0
+    frequency_penalty: FiniteFloat = 0.0
+    stop_sequences: Text | list[Text] | None = None
     seed: int | None = None
     ignore_eos: bool = False
 
 
 class GenerateRequest(_Request):
-    inputs: str
+    inputs: Text
     parameters: LightParameters = Field(default_factory=LightParameters)
 
 
 async def _prepare(
     body: GenerateRequest, request: Request, state: ServerState, logprobs: bool
 ) -> tuple[Generation, int]:
-    engine = state.require_engine()
-    prompt_ids = await serving.prompt_to_ids(state, body.inputs, "inputs")
+    engine = state.live_engine()
+    prompt_ids = await serving.prompt_to_ids(request, state, body.inputs, "inputs")
     p = body.parameters
     fields: dict[str, Any] = p.model_dump(exclude={"max_new_tokens", "stop_sequences"})
     fields["stop"] = p.stop_sequences

@@ -8,13 +8,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import ConfigDict
-from starlette.concurrency import run_in_threadpool
 
 from llama_mpi.mpi_server.http import serving
-from llama_mpi.mpi_server.http.errors import APIError, bad_request
+from llama_mpi.mpi_server.http.errors import APIError
 from llama_mpi.mpi_server.http.generation import Choice, Generation
+from llama_mpi.mpi_server.http.limits import check_text_length
 from llama_mpi.mpi_server.http.openai_format import new_id
-from llama_mpi.mpi_server.http.protocol import SamplingFields, _Request
+from llama_mpi.mpi_server.http.protocol import Prompt, SamplingFields, Text, _Request
 from llama_mpi.mpi_server.http.sampling import build_params, pick_max_tokens
 from llama_mpi.mpi_server.http.sse import EventStream, sse
 from llama_mpi.mpi_server.http.state import ServerState, get_state
@@ -24,14 +24,14 @@ router = APIRouter()
 
 class LlamaCompletionRequest(SamplingFields):
     model_config = ConfigDict(extra="ignore")
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Prompt
     stream: bool = False
     n_probs: int = 0  # top alternatives per token
-    model: str | None = None
+    model: Text | None = None
 
 
 class TokenizeRequest(_Request):
-    content: str
+    content: Text
     add_special: bool = False
     parse_special: bool = True
     with_pieces: bool = False
@@ -43,10 +43,17 @@ class DetokenizeRequest(_Request):
 
 @router.get("/health")
 async def health(state: ServerState = Depends(get_state)) -> JSONResponse:
+    """200 only while requests can be served: 503 while loading, draining, or when the engine
+    reports a fault (llama.cpp's error shape, with the engine's reason)."""
     if state.draining:
         return JSONResponse({"status": "shutting_down"}, status_code=503)
     if not state.ready:
         return JSONResponse({"status": "loading"}, status_code=503)
+    reason = state.engine_health()
+    if reason is not None:
+        return JSONResponse(
+            {"error": {"code": 503, "message": reason, "type": "unavailable_error"}},
+            status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -84,9 +91,9 @@ def _probs(c_lp: list[Any]) -> list[dict[str, Any]]:
 async def completion(
     body: LlamaCompletionRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> Any:
-    engine = state.require_engine()
+    engine = state.live_engine()
     state.check_model(body.model)
-    prompt_ids = await serving.prompt_to_ids(state, body.prompt)
+    prompt_ids = await serving.prompt_to_ids(request, state, body.prompt)
     fields = body.model_dump(exclude={"prompt", "n"})
     fields["logprobs"] = body.n_probs > 0
     fields["top_logprobs"] = body.n_probs
@@ -133,24 +140,30 @@ async def _stream(
         await gen.close()
 
 
+def _pieces(tokenizer: Any, ids: list[int]) -> list[dict[str, Any]]:
+    return [{"id": t, "piece": tokenizer.decode([t], skip_special_tokens=False)} for t in ids]
+
+
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, state: ServerState = Depends(get_state)) -> Any:
+async def tokenize(
+    body: TokenizeRequest, request: Request, state: ServerState = Depends(get_state)
+) -> Any:
     state.require_engine()
-    ids = await run_in_threadpool(state.tokenizer.encode, body.content, body.add_special,
-                                  body.parse_special)
+    check_text_length(len(body.content), state.max_model_len, "content")
+    ids = list(await serving.off_loop(request, state, state.tokenizer.encode, body.content,
+                                      body.add_special, body.parse_special))
     if not body.with_pieces:
-        return {"tokens": list(ids)}
-    dec = state.tokenizer.decode
-    return {"tokens": [{"id": t, "piece": dec([t], skip_special_tokens=False)} for t in ids]}
+        return {"tokens": ids}
+    return {"tokens": await serving.off_loop(request, state, _pieces, state.tokenizer, ids)}
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, state: ServerState = Depends(get_state)) -> Any:
+async def detokenize(
+    body: DetokenizeRequest, request: Request, state: ServerState = Depends(get_state)
+) -> Any:
     state.require_engine()
-    bad = [t for t in body.tokens if not 0 <= t < state.vocab_size]
-    if bad:
-        raise bad_request(f"tokens: token id {bad[0]} is outside the vocabulary", "tokens")
-    text = await run_in_threadpool(state.tokenizer.decode, body.tokens, False)
+    serving.check_ids(state, body.tokens, "tokens", prompt=False)
+    text = await serving.off_loop(request, state, state.tokenizer.decode, body.tokens, False)
     return {"content": text}
 
 

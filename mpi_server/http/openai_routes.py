@@ -6,18 +6,29 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from starlette.concurrency import run_in_threadpool
 
+from llama_mpi.models import chat_template
 from llama_mpi.mpi_server.http import openai_format as fmt
 from llama_mpi.mpi_server.http import serving
 from llama_mpi.mpi_server.http.errors import APIError, bad_request
 from llama_mpi.mpi_server.http.generation import Generation
+from llama_mpi.mpi_server.http.limits import check_text_length
 from llama_mpi.mpi_server.http.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from llama_mpi.mpi_server.http.sampling import build_params, per_choice, pick_max_tokens
 from llama_mpi.mpi_server.http.sse import DONE, EventStream, sse
 from llama_mpi.mpi_server.http.state import ServerState, get_state
 
 router = APIRouter()
+
+
+class _NeverRaised(Exception):
+    pass
+
+
+# A server-side fault while rendering (the template timed out, or its output is too large):
+# 500, not the client's fault. Errors the template raises itself stay ValueError -> 400.
+ChatTemplateRenderError: type[Exception] = getattr(
+    chat_template, "ChatTemplateRenderError", _NeverRaised)
 
 
 @router.get("/v1/models")
@@ -40,6 +51,24 @@ def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
     return {**(m.model_extra or {}), "role": m.role, "content": content}
 
 
+def _text_chars(messages: list[dict[str, Any]]) -> int:
+    return sum(len(m["content"]) for m in messages if isinstance(m["content"], str))
+
+
+async def _chat_ids(request: Request, state: ServerState, messages: list[dict[str, Any]]
+                    ) -> list[int]:
+    """The rendered, tokenized chat; a chat whose texts alone cannot fit is not rendered."""
+    check_text_length(_text_chars(messages), state.max_model_len, "messages")
+    assert state.chat_to_ids is not None
+    try:
+        return await serving.off_loop(request, state, state.chat_to_ids, messages)
+    except ChatTemplateRenderError as exc:
+        raise APIError(500, f"The chat template could not be rendered: {exc}",
+                       type="server_error", code="chat_template_error") from exc
+    except ValueError as exc:
+        raise bad_request(f"messages: {exc}", "messages") from exc
+
+
 def _fields(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
     return body.model_dump(exclude={"messages", "prompt", "stream_options"})
 
@@ -48,16 +77,12 @@ def _fields(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> Any:
-    engine = state.require_engine()
+    engine = state.live_engine()
     state.check_model(body.model)
     if not body.messages:
         raise bad_request("messages: must contain at least one message", "messages")
     messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
-    assert state.chat_to_ids is not None
-    try:
-        prompt_ids = await run_in_threadpool(state.chat_to_ids, messages)
-    except ValueError as exc:
-        raise bad_request(f"messages: {exc}", "messages") from exc
+    prompt_ids = await _chat_ids(request, state, messages)
     fields = _fields(body)
     fields["top_logprobs"] = body.top_logprobs if body.logprobs else 0
     limit = pick_max_tokens(("max_completion_tokens", body.max_completion_tokens),
@@ -130,11 +155,11 @@ async def _chat_stream(
 async def completions(
     body: CompletionRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> Any:
-    engine = state.require_engine()
+    engine = state.live_engine()
     state.check_model(body.model)
     if body.echo:
         raise bad_request("echo: not supported", "echo")
-    prompt_ids = await serving.prompt_to_ids(state, body.prompt)
+    prompt_ids = await serving.prompt_to_ids(request, state, body.prompt)
     fields = _fields(body)
     fields["top_logprobs"] = body.logprobs or 0
     fields["logprobs"] = body.logprobs is not None

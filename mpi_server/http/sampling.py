@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Any
 
 from llama_mpi.mpi_server.http.errors import bad_request, from_value_error
@@ -16,7 +18,6 @@ _DIRECT = (
     "min_p",
     "presence_penalty",
     "frequency_penalty",
-    "seed",
     "n",
     "ignore_eos",
     "skip_special_tokens",
@@ -41,13 +42,38 @@ def normalize_stop(stop: str | list[str] | None) -> list[str]:
     return [s for s in stops if s]  # an empty stop string would end every generation at once
 
 
-def parse_logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+SEED_MAX = (1 << 64) - 1  # torch.Generator.manual_seed takes [-2^63, 2^64 - 1]
+LOGIT_BIAS_MAX = 100.0  # OpenAI's range: [-100, 100]
+_TOKEN_ID = re.compile(r"[0-9]{1,12}")  # plain ASCII decimal (no sign, spaces, "_", other digits)
+
+
+def check_seed(seed: int | None) -> int | None:
+    """A seed in [0, 2^64 - 1]; ``-1`` means "random" (llama.cpp's default) and becomes None."""
+    if seed is None or seed == -1:
+        return None
+    if not 0 <= seed <= SEED_MAX:
+        raise bad_request("seed: must be an integer in [0, 2^64 - 1], or -1 for a random seed",
+                          "seed")
+    return seed
+
+
+def parse_logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+    """``{"<token id>": bias}`` -> ``{id: bias}``: ids in the vocabulary, biases finite in
+    [-100, 100]."""
     out: dict[int, float] = {}
     for key, value in (bias or {}).items():
-        try:
-            out[int(key)] = float(value)
-        except ValueError as exc:
-            raise bad_request(f"logit_bias: key {key!r} is not a token id", "logit_bias") from exc
+        if not _TOKEN_ID.fullmatch(key):
+            raise bad_request(f"logit_bias: key {key!r} is not a token id (a decimal number)",
+                              "logit_bias")
+        tok = int(key)
+        if tok >= vocab_size:
+            raise bad_request(f"logit_bias: token id {tok} is outside the vocabulary of "
+                              f"{vocab_size}", "logit_bias")
+        value = float(value)
+        if not (math.isfinite(value) and -LOGIT_BIAS_MAX <= value <= LOGIT_BIAS_MAX):
+            raise bad_request(f"logit_bias: the bias of token {tok} must be a number in "
+                              "[-100, 100]", "logit_bias")
+        out[tok] = value
     return out
 
 
@@ -76,6 +102,10 @@ def build_params(
     if limit is not None and limit <= 0:
         raise bad_request(f"{name}: must be at least 1", param=name)
     kwargs: dict[str, Any] = {k: fields[k] for k in _DIRECT if fields.get(k) is not None}
+    kwargs["seed"] = check_seed(fields.get("seed"))
+    top_k = kwargs.get("top_k")
+    if top_k is not None and vocab_size > 0 and top_k > vocab_size:
+        kwargs["top_k"] = vocab_size  # the same filter, and no int64 overflow in the sampler
     # Absent limit: run to EOS or the end of the context; a larger one is clamped the same way.
     kwargs["max_tokens"] = room if limit is None else min(limit, room)
     penalty = fields.get("repetition_penalty")
@@ -84,7 +114,7 @@ def build_params(
     if penalty is not None:
         kwargs["repetition_penalty"] = penalty
     kwargs["stop"] = normalize_stop(fields.get("stop"))
-    kwargs["logit_bias"] = parse_logit_bias(fields.get("logit_bias"))
+    kwargs["logit_bias"] = parse_logit_bias(fields.get("logit_bias"), vocab_size)
     if fields.get("logprobs"):
         kwargs["logprobs"] = True
         kwargs["top_logprobs"] = int(fields.get("top_logprobs") or 0)
@@ -97,10 +127,10 @@ def build_params(
 
 
 def per_choice(params: SamplingParams) -> list[SamplingParams]:
-    """``n`` single-choice params; with a seed, choice ``i`` uses ``seed + i`` (distinct yet
-    reproducible)."""
+    """``n`` single-choice params; with a seed, choice ``i`` uses ``seed + i`` modulo 2^64
+    (distinct yet reproducible, and always a seed ``check_seed`` accepts)."""
     out = []
     for i in range(params.n):
-        seed = None if params.seed is None else params.seed + i
+        seed = None if params.seed is None else (params.seed + i) & SEED_MAX
         out.append(dataclasses.replace(params, n=1, seed=seed))
     return out

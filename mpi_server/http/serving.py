@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from llama_mpi.mpi_server.http.errors import APIError, bad_request
@@ -15,28 +15,48 @@ from llama_mpi.mpi_server.http.generation import (
     Generation,
     unless_disconnected,
 )
+from llama_mpi.mpi_server.http.limits import check_ids_length, check_text_length
 from llama_mpi.mpi_server.http.state import ServerState
 
 CLIENT_GONE = 499  # nginx's "client closed request": logged and counted, never delivered
+T = TypeVar("T")
+
+
+async def off_loop(request: Request, state: ServerState, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` (tokenizing, detokenizing, a chat template) off the event loop; if the
+    client leaves first, the answer is not waited for (499), and a job not yet started is
+    dropped. A running tokenizer call cannot be interrupted: it finishes, unseen."""
+    try:
+        return await unless_disconnected(request, state.in_thread(fn, *args))
+    except ClientGone:
+        raise APIError(CLIENT_GONE, "client closed request") from None
+
+
+def check_ids(state: ServerState, ids: list[int], param: str, prompt: bool = True) -> None:
+    check_ids_length(len(ids), state.max_model_len, param, prompt=prompt)
+    bad = next((t for t in ids if not 0 <= t < state.vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"{param}: token id {bad} is outside the vocabulary", param)
 
 
 async def prompt_to_ids(
-    state: ServerState, prompt: Any, param: str = "prompt", add_bos: bool | None = None
+    request: Request, state: ServerState, prompt: Any, param: str = "prompt",
+    add_bos: bool | None = None,
 ) -> list[int]:
-    """A string, a list of token ids, or a one-element list of either -> token ids."""
+    """A string, a list of token ids, or a one-element list of either -> token ids.
+
+    Too long a prompt is refused before any tokenizing (see ``limits``)."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
             raise bad_request(f"{param}: batched prompts are not supported; send one per request",
                               param)
         prompt = prompt[0]
     if isinstance(prompt, str):
-        # Tokenizing a long prompt is CPU work; keep it off the event loop.
-        ids = await run_in_threadpool(state.tokenizer.encode, prompt, add_bos)
+        check_text_length(len(prompt), state.max_model_len, param)
+        ids = await off_loop(request, state, state.tokenizer.encode, prompt, add_bos)
     else:
         ids = list(prompt)
-        bad = [t for t in ids if not 0 <= t < state.vocab_size]
-        if bad:
-            raise bad_request(f"{param}: token id {bad[0]} is outside the vocabulary", param)
+        check_ids(state, ids, param)
     if not ids:
         raise bad_request(f"{param}: must not be empty", param)
     return list(ids)

@@ -5,18 +5,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
 from llama_mpi.mpi_server.engine_api import AsyncEngineAPI
-from llama_mpi.mpi_server.http.errors import APIError
+from llama_mpi.mpi_server.http.errors import APIError, printable
+from llama_mpi.mpi_server.http.limits import auto_body_limit
 from llama_mpi.mpi_server.http.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 ChatToIds = Callable[[list[dict[str, Any]]], list[int]]
+T = TypeVar("T")
+
+# Tokenizing and detokenizing run here, off the event loop. Few threads: the tokenizer
+# serializes its calls anyway, and a queued job whose client has left is dropped unstarted.
+TOKENIZER_THREADS = 2
 
 
 @dataclass
@@ -28,6 +35,8 @@ class ServerState:
     no_perf: bool = False
     special: bool = False  # render special tokens in output text (llama.cpp --special)
     model_aliases: tuple[str, ...] = ()  # other names accepted in "model" (e.g. the GGUF file)
+    strict_model_name: bool = False  # 404 for an unknown "model" (OpenAI) instead of serving it
+    max_request_bytes: int = 0  # request body limit; 0: auto_body_limit(max_model_len)
     engine: AsyncEngineAPI | None = None
     tokenizer: Any = None
     chat_to_ids: ChatToIds | None = None
@@ -36,6 +45,7 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     _shutdown: asyncio.Task[None] | None = field(default=None, repr=False)
+    _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     def attach(
         self,
@@ -51,6 +61,10 @@ class ServerState:
         self.metrics.bind_engine(engine)
         self.ready = True
 
+    def body_limit(self) -> int:
+        """Bytes a request body may have (follows ``max_model_len`` once the model loads)."""
+        return self.max_request_bytes or auto_body_limit(self.max_model_len)
+
     def require_engine(self) -> AsyncEngineAPI:
         if self.draining:
             raise APIError(503, "Server is shutting down", code="shutting_down")
@@ -58,8 +72,33 @@ class ServerState:
             raise APIError(503, "Loading model", code="model_loading")
         return self.engine
 
+    def engine_health(self) -> str | None:
+        """None while the engine can serve, else why not (``engine.health()``, when it has it)."""
+        probe = getattr(self.engine, "health", None)
+        if probe is None:
+            return None
+        try:
+            reason = probe()
+        except Exception as exc:  # noqa: BLE001 - a failing probe is itself a reason
+            log.exception("engine health check failed")
+            return f"the engine health check failed: {type(exc).__name__}: {exc}"
+        return printable(str(reason)) if reason else None
+
+    def live_engine(self) -> AsyncEngineAPI:
+        """The engine for a generating route: 503 ``engine_dead`` at once if it cannot serve."""
+        engine = self.require_engine()
+        reason = self.engine_health()
+        if reason is not None:
+            raise APIError(503, f"The inference engine is unavailable: {reason}",
+                           type="server_error", code="engine_dead")
+        return engine
+
     def check_model(self, model: str | None) -> None:
+        """Any name is served (as llama.cpp does) unless ``strict_model_name``."""
         if not model or model == self.model_name or model in self.model_aliases:
+            return
+        if not self.strict_model_name:
+            log.debug("request names model %r; serving %r", model, self.model_name)
             return
         raise APIError(
             404,
@@ -68,6 +107,13 @@ class ServerState:
             param="model",
             code="model_not_found",
         )
+
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the tokenizer threads. Cancelled (the client left) before it starts,
+        it never runs; once running it cannot be stopped, but its result is dropped."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenizer")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def begin_shutdown(self) -> asyncio.Task[None] | None:
         """Refuse new requests and start ``engine.shutdown()`` once; safe to call repeatedly."""
@@ -87,6 +133,8 @@ class ServerState:
         task = self.begin_shutdown()
         if task is not None:
             await task
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def get_state(request: Request) -> ServerState:

@@ -64,6 +64,7 @@ class FakeEngine(AsyncEngineAPI):
         self.full = False
         self.dead = False
         self.fail_midway = False  # finish with finish_reason="error" after one token
+        self.unhealthy: str | None = None  # what health() reports
         self.calls: list[tuple[str, list[int], SamplingParams]] = []
         self.aborted: list[str] = []
         self.closed_unfinished: list[str] = []
@@ -82,6 +83,9 @@ class FakeEngine(AsyncEngineAPI):
             raise EngineFullError("queue full")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError("prompt: too long")
+        if params.seed is not None and not -(1 << 63) <= params.seed < 1 << 64:
+            # torch.Generator.manual_seed's error, a 500 from the real engine.
+            raise RuntimeError("Overflow when unpacking long long")
         self.calls.append((request_id, list(prompt_ids), params))
         self.running.add(request_id)
         text, n, finished = "", 0, False
@@ -133,6 +137,9 @@ class FakeEngine(AsyncEngineAPI):
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+
+    def health(self) -> str | None:
+        return self.unhealthy
 
     def slots(self) -> list[SlotInfo]:
         return [SlotInfo(0, None, "idle", 0, 0), SlotInfo(1, "r1", "decode", 5, 3)]

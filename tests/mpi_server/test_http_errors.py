@@ -90,11 +90,22 @@ def test_malformed_json(client: TestClient) -> None:
     assert_error(r, 400)
 
 
-def test_unknown_model(client: TestClient) -> None:
+def test_any_model_name_is_served(client: TestClient) -> None:
+    # One model behind the server: like llama.cpp, any requested name gets it.
+    for name in ("gpt-4", "fake-model", "fake.gguf", ""):
+        r = client.post(CHAT, json={"model": name, "messages": MSG})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "fake-model"
+
+
+def test_strict_model_name(engine: FakeEngine) -> None:
+    client = TestClient(make_app(engine, strict_model_name=True))
     assert_error(client.post(CHAT, json={"model": "gpt-4", "messages": MSG}), 404, "model",
                  "model_not_found")
+    assert_error(client.post(CMPL, json={"model": "gpt-4", "prompt": "a"}), 404, "model")
     for ok in ("fake-model", "fake.gguf", ""):
         assert client.post(CHAT, json={"model": ok, "messages": MSG}).status_code == 200
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["fake-model"]
 
 
 def test_unknown_route_and_method(client: TestClient) -> None:
@@ -112,9 +123,9 @@ def test_queue_full_503(client: TestClient, engine: FakeEngine) -> None:
     assert client.post(CHAT, json={"messages": MSG}).status_code == 200
 
 
-def test_engine_dead_500(client: TestClient, engine: FakeEngine) -> None:
-    engine.dead = True
-    err = assert_error(client.post(CMPL, json={"prompt": "a"}), 500, code="engine_dead")
+def test_engine_dead_503(client: TestClient, engine: FakeEngine) -> None:
+    engine.dead = True  # generate raises EngineDeadError
+    err = assert_error(client.post(CMPL, json={"prompt": "a"}), 503, code="engine_dead")
     assert err["type"] == "server_error"
 
 

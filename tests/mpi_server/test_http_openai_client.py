@@ -19,7 +19,7 @@ KEY = "test-key"
 class Served:
     def __init__(self, engine: FakeEngine) -> None:
         self.engine = engine
-        self.app = make_app(engine, api_key=KEY)
+        self.app = make_app(engine, api_key=KEY, strict_model_name=True)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning")
         self.server = uvicorn.Server(config)
         # Not the main thread, so uvicorn installs no signal handlers.
@@ -137,3 +137,18 @@ def test_disconnect_non_streaming_aborts(served: Served) -> None:
         time.sleep(0.02)
     (rid,) = set(engine.aborted) - before
     assert rid in engine.closed_unfinished
+
+
+def test_body_limit_over_a_real_socket(served: Served) -> None:
+    big = b'{"prompt": "' + b"y" * (5 << 20) + b'"}'  # over the auto limit of 4 MiB
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+
+    def chunked() -> Iterator[bytes]:
+        for i in range(0, len(big), 1 << 16):
+            yield big[i:i + (1 << 16)]
+
+    for content in (big, chunked()):
+        r = httpx.post(served.base + "/v1/completions", content=content, headers=headers,
+                       timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(served.base + "/health").status_code == 200
