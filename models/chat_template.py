@@ -4,6 +4,12 @@ The template comes from `tokenizer.chat_template` in the GGUF, or a built-in by 
 jinja string given as an override. Templates emit `bos_token` as text; `encode_chat` parses
 it as the control token and adds BOS itself only when the template did not, so the prompt
 starts with exactly one BOS.
+
+A template is compiled when it is resolved (at load): one that does not compile, or that uses
+include/import/extends, raises ChatTemplateLoadError naming where it came from. Rendering is
+bounded in time (`render_timeout_s`) and size (`max_output_chars`); past either it raises
+ChatTemplateRenderError, the server's fault. A bad conversation, or a template calling
+`raise_exception`, raises ChatTemplateError, the client's (see chat_template_sandbox).
 """
 
 from __future__ import annotations
@@ -12,12 +18,20 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import jinja2
 from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .chat_template_sandbox import (
+    DEFAULT_MAX_OUTPUT_CHARS,
+    DEFAULT_RENDER_TIMEOUT_S,
+    BoundedSandbox,
+    ChatTemplateLoadError,
+    ChatTemplateRenderError,
+    compile_template,
+    render_bounded,
+)
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -58,8 +72,15 @@ BUILTIN_TEMPLATES: dict[str, str] = {
 }
 
 
+__all__ = [
+    "BUILTIN_TEMPLATES", "DEFAULT_MAX_OUTPUT_CHARS", "DEFAULT_RENDER_TIMEOUT_S", "ChatTemplate",
+    "ChatTemplateError", "ChatTemplateLoadError", "ChatTemplateRenderError", "encode_chat",
+    "normalize_messages",
+]
+
+
 class ChatTemplateError(ValueError):
-    """A bad conversation, or a template that called raise_exception."""
+    """A bad conversation, or a template that called raise_exception: the client's fault."""
 
 
 def _raise_exception(message: str) -> None:
@@ -73,14 +94,16 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
                       separators=separators, sort_keys=sort_keys)
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _environment(max_chars: int) -> BoundedSandbox:
+    return BoundedSandbox(
+        max_chars, filters={"tojson": _tojson},
+        globals={"raise_exception": _raise_exception, "strftime_now": _strftime_now},
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols],
     )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
 
 
 def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -117,44 +140,66 @@ def _join_text_parts(parts: Any, index: int) -> str:
 
 @dataclass
 class ChatTemplate:
-    """A jinja chat template plus the special-token strings it may reference."""
+    """A jinja chat template plus the special-token strings it may reference; compiled here,
+    so that a broken template is found at load."""
 
     source: str
     bos_token: str = ""
     eos_token: str = ""
     name: str | None = None  # built-in name, or None for a template from a file or string
     extra_context: dict[str, Any] = field(default_factory=dict)
+    origin: str = ""  # where `source` came from, for errors; default from `name`
+    render_timeout_s: float = DEFAULT_RENDER_TIMEOUT_S
+    max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS
+    _compiled: jinja2.Template = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def _compiled(self) -> jinja2.Template:
-        try:
-            return _environment().from_string(self.source)
-        except jinja2.TemplateSyntaxError as e:
-            raise ChatTemplateError(f"chat template does not compile: {e}") from e
+    def __post_init__(self) -> None:
+        if not self.origin:
+            self.origin = f"built-in chat template {self.name!r}" if self.name else "chat template"
+        if not self.render_timeout_s > 0 or self.max_output_chars <= 0:
+            raise ChatTemplateLoadError(
+                f"{self.origin}: render_timeout_s ({self.render_timeout_s}) and "
+                f"max_output_chars ({self.max_output_chars}) must be positive")
+        env = _environment(self.max_output_chars)
+        self._compiled = compile_template(env, self.source, self.origin)
 
     @classmethod
-    def resolve(cls, tokenizer: Tokenizer, override: str | None = None) -> ChatTemplate:
-        """`override` (a built-in name or jinja text), else the file's, else a built-in."""
+    def resolve(
+        cls, tokenizer: Tokenizer, override: str | None = None, *,
+        render_timeout_s: float = DEFAULT_RENDER_TIMEOUT_S,
+        max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS,
+    ) -> ChatTemplate:
+        """`override` (a built-in name or jinja text), else the file's, else a built-in;
+        compiled now (ChatTemplateLoadError if it cannot be used)."""
         def token(i: int | None) -> str:
             return tokenizer.id_to_token(i) if i is not None else ""
 
+        def make(source: str, name: str | None, origin: str = "") -> ChatTemplate:
+            return cls(source, bos, eos, name, origin=origin, render_timeout_s=render_timeout_s,
+                       max_output_chars=max_output_chars)
+
         bos, eos = token(tokenizer.bos_id), token(tokenizer.eos_id)
         if override:
-            name = override if override in BUILTIN_TEMPLATES else None
-            if name is None and "{{" not in override and "{%" not in override:
+            if override in BUILTIN_TEMPLATES:
+                return make(BUILTIN_TEMPLATES[override], override)
+            if "{{" not in override and "{%" not in override:
                 known = ", ".join(BUILTIN_TEMPLATES)
-                raise ChatTemplateError(f"unknown chat template {override!r} (built-in: {known})")
-            source = BUILTIN_TEMPLATES[name] if name else override
-            return cls(source, bos, eos, name)
+                raise ChatTemplateLoadError(
+                    f"unknown chat template {override!r}: neither a built-in name (one of: "
+                    f"{known}) nor jinja text")
+            return make(override, None, "the chat_template override (--chat-template)")
         if tokenizer.chat_template:
-            return cls(tokenizer.chat_template, bos, eos)
+            return make(tokenizer.chat_template, None,
+                        f"the GGUF's tokenizer.chat_template in {tokenizer.source}")
         name = "deepseek3" if tokenizer.pre == "deepseek-v3" else "deepseek2"
-        return cls(BUILTIN_TEMPLATES[name], bos, eos, name)
+        return make(BUILTIN_TEMPLATES[name], name)
 
     def render(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
         **kwargs: Any,
     ) -> str:
+        """The prompt text. ChatTemplateError (a ValueError) for a bad conversation or the
+        template's raise_exception; ChatTemplateRenderError past a bound or on a crash."""
         context = {
             "bos_token": self.bos_token, "eos_token": self.eos_token,
             **self.extra_context, **kwargs,
@@ -162,9 +207,17 @@ class ChatTemplate:
             "add_generation_prompt": add_generation_prompt,
         }
         try:
-            return self._compiled.render(**context)
-        except jinja2.TemplateError as e:
+            return render_bounded(self._compiled, context, self.render_timeout_s,
+                                  self.max_output_chars)
+        except ChatTemplateRenderError:
+            raise
+        except jinja2.TemplateError as e:  # undefined values, sandbox refusals: as today
             raise ChatTemplateError(f"chat template failed: {e}") from e
+        except ValueError:  # ChatTemplateError from raise_exception among them
+            raise
+        except Exception as e:  # a crash in the template (TypeError, RecursionError, ...)
+            raise ChatTemplateRenderError(
+                f"{self.origin} failed: {type(e).__name__}: {e}") from e
 
 
 def encode_chat(

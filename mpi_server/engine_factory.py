@@ -108,7 +108,9 @@ def ensure_builtin_model(config: ServerConfig) -> None:
 def build_tokenizer(config: ServerConfig) -> tuple[Tokenizer, ChatToIds]:
     ensure_builtin_model(config)
     tokenizer = Tokenizer.from_gguf(config.model)
+    # compiled now: a broken template is a start-up error (ChatTemplateLoadError, a ValueError)
     template = ChatTemplate.resolve(tokenizer, config.chat_template)
+    log.info("chat template: %s", template.origin)
 
     def chat_to_ids(messages: list[dict[str, Any]]) -> list[int]:
         return encode_chat(tokenizer, template, messages)
