@@ -50,9 +50,10 @@ def files(tmp_path_factory):
     return get
 
 
-def results(np: int, path, ref, dtype="float32", skew=False, vocab_parallel=False) -> list[dict]:
+def results(np: int, path, ref, dtype="float32", skew=False, vocab_parallel=False,
+            fused=False) -> list[dict]:
     res = run_mpi(np, "worker_model.py", str(path), str(ref), dtype, str(int(skew)),
-                  str(int(vocab_parallel)), timeout=240)
+                  str(int(vocab_parallel)), str(int(fused)), timeout=240)
     assert res.returncode == 0, res.output
     rows = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
     assert len(rows) == 4, res.output  # alltoall/allreduce x absorbed/naive
@@ -102,3 +103,20 @@ def test_quantized_blocks_sharded_match_single_process_and_transformers(files, n
     for row in results(np, *files("quant", ftype), vocab_parallel=True):
         assert row["rel_single"] <= QUANT_REL_SINGLE, row
         assert row["rel_hf"] <= QUANT_REL_HF and row["agree_hf"] >= QUANT_AGREE, row
+
+
+@pytest.mark.parametrize("np,variant,ftype,layout", [
+    (2, "lite", "f32", "mla"), (4, "full", "f32", "legacy"), (2, "full", "bf16", "mla"),
+    (4, "quant", "q4_k_m", "mla"), (2, "quant", "q8_0", "mla")])
+def test_fused_decode_matches_eager_under_mpi(files, np, variant, ftype, layout):
+    """Fused decode steps (TP all-reduce between attention and FFN; all-to-all experts stay
+    eager) give the eager sharded model's greedy text and logits, and one process's text."""
+    dtype = "bfloat16" if ftype == "bf16" else "float32"
+    for row in results(np, *files(variant, ftype, layout), dtype=dtype, fused=True,
+                       vocab_parallel=ftype in QUANTIZED):
+        assert row["decoder"] == "FusedDecoder", row
+        assert row["same_text_eager"], row
+        if ftype == "f32":
+            assert row["max_diff_eager"] <= F32_TOL and row["same_text_single"], row
+        else:
+            assert row["rel_eager"] <= 1e-2, row

@@ -1,7 +1,9 @@
 """Run under mpirun: the sharded model (EP + TP) on a GGUF, compared on rank 0 with the
 single-process model on the same file and with transformers' logits saved by the test.
 
-argv: gguf ref.pt dtype skew vocab_parallel; prints one JSON line per mode from rank 0.
+argv: gguf ref.pt dtype skew vocab_parallel [fused]; prints one JSON line per mode from rank 0.
+With ``fused`` = 1 each line instead compares the sharded model's fused decode steps with its
+eager ones (and the single-process eager model): greedy tokens and every step's logits.
 """
 
 from __future__ import annotations
@@ -42,6 +44,67 @@ def run(model, seqs: list[list[int]]) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def greedy(model, seqs: list[list[int]], steps: int, sync: bool = True
+           ) -> tuple[list[list[int]], torch.Tensor | None]:
+    """Prefill every sequence together, then ``steps`` greedy decode steps of all of them
+    together and 2 of the first alone; returns the tokens and every step's logits. ``sync``:
+    every rank takes rank 0's tokens (a rank without logits has none of its own)."""
+    seqs = [list(s) for s in seqs]
+    tables, nxt = [], 0
+    for s in seqs:
+        n = -(-(len(s) + steps + 3) // BLOCK)
+        tables.append(list(range(nxt, nxt + n))[::-1])
+        nxt += n
+    pool = model.make_kv_pool(nxt, BLOCK)
+    which = list(range(len(seqs)))
+    out = [model(ForwardBatch.build([(s, 0, t) for s, t in zip(seqs, tables, strict=True)],
+                                    BLOCK), pool)]
+    for i in range(steps + 3):
+        if out[-1] is not None:
+            for row, b in enumerate(which):
+                seqs[b].append(int(out[-1][row].argmax()))
+        if sync:
+            seqs = _COMM.comm.bcast(seqs if _COMM.rank == 0 else None, root=0)
+        if i == steps + 2:
+            break
+        which = list(range(len(seqs))) if i < steps else [0]
+        out.append(model(ForwardBatch.build([([seqs[b][-1]], len(seqs[b]) - 1, tables[b])
+                                             for b in which], BLOCK), pool))
+    return seqs, (torch.cat(out) if out[-1] is not None else None)
+
+
+_COMM = None
+
+
+def fused_rows(ctx, path, dtype, vocab_par) -> None:
+    """Per mode: the sharded model with fused decode on and off, and one process eager."""
+    ref = torch.load(sys.argv[2])
+    seqs = ref["seqs"]
+    for moe_comm in ("alltoall", "allreduce"):
+        for mla in (True, False):
+            cfg = ServerConfig(model=path, dtype=dtype, moe_comm=moe_comm, enable_mla=mla,
+                               vocab_parallel=vocab_par == "1")
+            model = load_shard(cfg, ctx)
+            model.fused_decode = False
+            eager_text, eager = greedy(model, seqs, 4)
+            model.fused_decode = True
+            fused_text, fused = greedy(model, seqs, 4)
+            native = type(model._fused).__name__
+            if ctx.rank != 0:
+                continue
+            single = load_model(path, dtype=dtype, absorbed_mla=mla, fused_decode=False)
+            single_text, want = greedy(single, seqs, 4, sync=False)
+            print(json.dumps({
+                "moe_comm": moe_comm, "mla": mla, "decoder": native,
+                "same_text_eager": fused_text == eager_text,
+                "same_text_single": fused_text == single_text,
+                "max_diff_eager": (fused - eager).abs().max().item(),
+                "rel_eager": ((fused - eager).norm() / eager.norm()).item(),
+                "rel_single": ((fused - want).norm() / want.norm()).item(),
+            }), flush=True)
+    ctx.comm.barrier()
+
+
 def skew(model, n_ranks: int) -> None:
     """Route every token to rank 0's experts: a selection bias that rules out the others."""
     for block in model.blocks:
@@ -54,8 +117,12 @@ def skew(model, n_ranks: int) -> None:
 
 
 def main() -> None:
+    global _COMM
     path, ref_path, dtype, do_skew, vocab_par = sys.argv[1:6]
     ctx = init_parallel("cpu", timeout=60)
+    _COMM = ctx.comm
+    if len(sys.argv) > 6 and sys.argv[6] == "1":
+        return fused_rows(ctx, path, dtype, vocab_par)
     ref = torch.load(ref_path)
     seqs, hf = ref["seqs"], ref["logits"]
     for moe_comm in ("alltoall", "allreduce"):
