@@ -96,6 +96,8 @@ async def _serve(config: Any, build: Callable[[Any], Any] = _default_build) -> i
         max_model_len=int(getattr(config, "n_ctx", 0) or 0),
         model_aliases=aliases,
         special=bool(getattr(config, "special", False)),
+        max_request_bytes=int(getattr(config, "max_request_bytes", 0) or 0),
+        strict_model_name=bool(getattr(config, "strict_model_name", False)),
     )
     state = server_state(app)
     loop = asyncio.get_running_loop()

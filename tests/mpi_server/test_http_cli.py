@@ -71,6 +71,10 @@ def test_cli_lifecycle(sig: signal.Signals) -> None:
         r = httpx.post(base + "/v1/chat/completions", timeout=10, json={
             "model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
         assert r.json()["choices"][0]["message"]["content"] == "Hello from fake"
+        # the seed document's client names the model its own way: served all the same
+        r = httpx.post(base + "/v1/chat/completions", timeout=10, json={
+            "model": "DeepSeek-V2-Lite", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=30)
     finally:
@@ -79,3 +83,40 @@ def test_cli_lifecycle(sig: signal.Signals) -> None:
             proc.communicate()
     assert proc.returncode == 0, out
     assert "ENGINE-SHUTDOWN" in out
+
+
+def _wait_ready(base: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("server did not become ready")
+
+
+def test_strict_model_name_flag_restores_the_404() -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, "--port", str(port), "-a", "tiny", "-c", "512",
+         "--strict-model-name"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        _wait_ready(base, proc)
+        body = {"model": "DeepSeek-V2-Lite", "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(base + "/v1/chat/completions", timeout=10, json=body)
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "model_not_found"
+        body["model"] = "tiny"
+        assert httpx.post(base + "/v1/chat/completions", timeout=10, json=body).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
