@@ -34,6 +34,8 @@ from llama_mpi.moe.moe_layer import MoE
 
 log = logging.getLogger(__name__)
 
+GRAPH_MODES = ("off", "on")
+
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -57,7 +59,10 @@ class RuntimeOptions:
     # decode steps (<= 16 rows) in one native call per layer where the model allows it
     # (fused_decode.py); False: always the eager torch path
     fused_decode: bool = True
-    graph_mode: str = "off"  # see graph_mode.GRAPH_MODES
+    # "on": decode steps as captured graphs where the device has them. On a CPU that is the
+    # fused native layers (as fused_decode: on); CUDA graphs / Ascend GE are not written yet,
+    # so there it logs one line and decodes eagerly. "off": nothing beyond fused_decode.
+    graph_mode: str = "off"
 
 
 class Block:
@@ -103,6 +108,11 @@ class DeepseekV2:
         self.rope = {d: RotaryEmbedding(cfg, d) for d in set(self.devices)}
         self._fused: FusedDecoder | None | bool = False  # False: not built yet
         self._fallbacks: set[str] = set()  # reasons already logged
+        if opts.graph_mode not in GRAPH_MODES:
+            raise ValueError(f"graph_mode must be one of {GRAPH_MODES}, not {opts.graph_mode!r}")
+        if opts.graph_mode == "on" and any(d.type != "cpu" for d in self.devices):
+            log.info("graph_mode: decode graph capture is not implemented for %s; decode "
+                     "steps run eagerly", sorted({d.type for d in self.devices}))
 
     @classmethod
     def from_gguf(cls, gf: GGUFFile, cfg: ModelConfig, opts: RuntimeOptions) -> DeepseekV2:
@@ -192,7 +202,8 @@ class DeepseekV2:
     def _fused_for(self, batch: ForwardBatch, pool: LatentKVPool) -> FusedDecoder | None:
         """The fused decoder if this step can run on it, else None (a new reason for the
         eager path is logged once)."""
-        if not self.opts.fused_decode or batch.num_tokens > MAX_FUSED_ROWS:
+        wanted = self.opts.fused_decode or self.opts.graph_mode == "on"
+        if not wanted or batch.num_tokens > MAX_FUSED_ROWS:
             return None
         if self._fused is False:
             self._fused = FusedDecoder.build(self)

@@ -192,3 +192,18 @@ def test_fused_toggle_gives_the_same_text(reference):
             run.step([0, 1])
         texts.append(run.seqs)
     assert texts[0] == texts[1] == texts[2]
+
+
+def test_graph_mode_on_and_off_give_the_same_text(reference):
+    _, path = reference("full", "bf16", "mla")
+    texts = []
+    for mode, fused in (("off", False), ("on", False), ("on", True), ("off", True)):
+        model = load_model(path, graph_mode=mode, fused_decode=fused)
+        run = Run(model, SEQS, extra=6)
+        for _ in range(5):
+            run.step([0, 1, 2])
+        texts.append(run.seqs)
+        assert isinstance(model._fused, FusedDecoder) == (mode == "on" or fused)
+    assert all(t == texts[0] for t in texts)
+    with pytest.raises(ValueError, match="graph_mode"):
+        load_model(path, graph_mode="sometimes")
