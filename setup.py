@@ -13,7 +13,8 @@ setup(
     version="0.1.0",
     description="DeepSeek-V2 MoE serving from GGUF with expert and tensor parallelism over MPI",
     python_requires=">=3.10",
-    packages=["llama_mpi"] + [f"llama_mpi.{p}" for p in SUBPACKAGES] + ["llama_mpi.configs"],
+    packages=["llama_mpi"] + [f"llama_mpi.{p}" for p in SUBPACKAGES]
+    + ["llama_mpi.mpi_server.structured", "llama_mpi.configs"],
     package_dir={"llama_mpi": "llama_mpi", **{f"llama_mpi.{p}": p for p in SUBPACKAGES},
                  "llama_mpi.configs": "configs"},
     package_data={"llama_mpi.configs": ["*.yaml"], "llama_mpi.models": ["*.c", "*.h"]},
@@ -29,6 +30,7 @@ setup(
         "jinja2",
         "pydantic>=2",
         "prometheus-client",
+        "llguidance>=1.9",  # constrained decoding (mpi_server/structured); no dependencies
     ],
     extras_require={
         "mpi": ["mpich"],
