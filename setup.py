@@ -38,6 +38,7 @@ setup(
         "test": [
             "pytest",
             "hypothesis",
+            "jsonschema",
             "transformers>=5.23",
             "safetensors",
             "openai",
