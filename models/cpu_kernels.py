@@ -36,7 +36,7 @@ _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 # 0 or an error code; every other kernel returns void
 _RETURNS_INT = {"mla_attention_bf16", "quantize_rows_q8", "quant_matmul", "grouped_quant_matmul",
-                "quant_dequant_rows", "fused_decode_layer"}
+                "quant_dequant_rows", "fused_decode_layer", "fused_decode_head"}
 _C = ctypes.c_int
 _SIGNATURES = {  # name: argument types (the last int is the thread count)
     "skinny_bf16_matmul": [_P] * 3 + [_I] * 3 + [ctypes.c_int],
@@ -58,6 +58,7 @@ _SIGNATURES = {  # name: argument types (the last int is the thread count)
     # (layer, step, x, out, pool, mode): one decode layer (decode_fused.c, fused_decode.py)
     "fused_decode_layer": [_P] * 5 + [_I],
     "fused_decode_profile": [ctypes.c_int, _P],  # (on, stats out or NULL)
+    "fused_decode_head": [_P] * 3 + [_I, _P, _I],  # (head, x, rows, R, logits, nthreads)
 }
 
 

@@ -510,10 +510,13 @@ static int attention(const layer_t *L, const step_t *S, const float *x, void *at
         err = per_head(L->k_b, bf16, q, Dk, qf, D, T, H, C, Dn, nt);
         for (int64_t t = 0; t < T * H && !err; t++)
             memcpy(qf + (t * D + C) * es, q + (t * Dk + Dn) * es, (size_t)(R * es));
+        int64_t keys = 0; /* query-key pairs: small attention stays on one thread */
+        for (int64_t t = 0; t < T; t++) keys += S->ctx_len[t];
+        const int at = threads_for(keys * H * D * 2, nt);
         if (!err && bf16)
             err = mla_attention_bf16((const uint16_t *)qf, pool, S->ctx_slots, S->ctx_start,
                                      S->ctx_len, (uint16_t *)ol, T, H, D, C, (float)L->scale,
-                                     nt) ? FERR_NOMEM : 0;
+                                     at) ? FERR_NOMEM : 0;
         else if (!err)
             err = absorbed_f32(L, S, (const float *)qf, pool, (float *)ol);
         if (!err) /* o = v_b[h] @ o_lat per head */
@@ -726,5 +729,34 @@ int fused_decode_layer(const layer_t *L, const step_t *S, float *x, float *out, 
     free(a), free(h), free(sh), free(routed);
     if (prof_cur) prof_cur[0] += now_ns() - t_start;
     prof_cur = NULL;
+    return err;
+}
+
+/* The final norm and the LM head of a decode step. */
+typedef struct {
+    int64_t E, bf16;
+    double eps;
+    const void *norm;
+    fmat_t w;
+} head_t;
+
+/* logits [R, N] float32 = head(norm(x[rows[r]])) for R (<= 16) rows of x [*, E]. */
+int fused_decode_head(const head_t *Hd, const float *x, const int64_t *rows, int64_t R,
+                      float *logits, int64_t nthreads) {
+    const int bf16 = (int)Hd->bf16;
+    const int64_t E = Hd->E, N = Hd->w.N, es = bf16 ? 2 : 4;
+    if (R <= 0 || R > MAXT) return FERR_SHAPE;
+    char *h = malloc((size_t)(R * E * es)), *y = bf16 ? malloc((size_t)(R * N * es)) : NULL;
+    float *xs = malloc(sizeof(float) * (size_t)(R * E));
+    int err = h && xs && (y || !bf16) ? 0 : FERR_NOMEM;
+    for (int64_t r = 0; r < R && !err; r++) memcpy(xs + r * E, x + rows[r] * E, 4 * (size_t)E);
+    if (!err) {
+        rms_norm(xs, 0, E, Hd->norm, bf16, h, R, E, (float)Hd->eps);
+        err = mat_mul(&Hd->w, bf16, h, E, R, bf16 ? (void *)y : (void *)logits, N, NULL,
+                      (int)nthreads);
+    }
+    if (!err && bf16)
+        for (int64_t i = 0; i < R * N; i++) logits[i] = bf16_to_f32(((uint16_t *)y)[i]);
+    free(h), free(y), free(xs);
     return err;
 }

@@ -182,8 +182,11 @@ class DeepseekV2:
             x = block(x, batch, pool, rot[d])
         if not logits and not self.vocab_parallel:
             return None
-        x = rms_norm(x[batch.logits_indices], self.norm, self.cfg.rms_norm_eps)
-        out = linear(x, self.head).float()
+        if fused is not None and 0 < batch.logits_indices.numel() <= MAX_FUSED_ROWS:
+            out = fused.logits(x, batch.logits_indices)
+        else:
+            x = rms_norm(x[batch.logits_indices], self.norm, self.cfg.rms_norm_eps)
+            out = linear(x, self.head).float()
         if self.vocab_parallel:
             out = self.opts.vocab_comm.all_gather(out.contiguous(), dim=1)
         return out

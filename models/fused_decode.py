@@ -62,6 +62,10 @@ class _Layer(ctypes.Structure):
                 + [(n, _I64) for n in ("first", "count", "Fe", "index")])
 
 
+class _Head(ctypes.Structure):
+    _fields_ = [("E", _I64), ("bf16", _I64), ("eps", _D), ("norm", _P), ("w", _Mat)]
+
+
 class _Step(ctypes.Structure):
     _fields_ = [("T", _I64), ("slot_mapping", _P), ("rope", _P), ("ctx_slots", _P),
                 ("ctx_start", _P), ("ctx_len", _P), ("nthreads", _I64)]
@@ -99,7 +103,13 @@ class FusedDecoder:
         self.native_ffn = [bool(L.moe == 0 or self._dispatch_native(b))
                            for L, b in zip(self.layers, model.blocks, strict=True)]
         self.absorb_max = min(b.attn.absorb_max_queries for b in model.blocks)
+        # also short multi-token chunks (<= 16 rows, causal per row): off, prefill stays
+        # eager (float32 with int8 activations amplifies ulp-level differences there)
+        self.chunks = False
         self.call = kernel().fused_decode_layer
+        self.head = _Head(model.cfg.hidden_size, int(self.bf16), model.cfg.rms_norm_eps,
+                          self._ptr(model.norm), self._mat(model.head))
+        self.head_addr = ctypes.addressof(self.head)
 
     @staticmethod
     def build(model: DeepseekV2) -> FusedDecoder | None:
@@ -205,6 +215,8 @@ class FusedDecoder:
         T = batch.num_tokens
         if not 0 < T <= MAX_ROWS:
             return f"{T} rows"
+        if any(e - s > 1 for s, e in batch.spans()) and not self.chunks:
+            return "prefill rows (a sequence with several new tokens)"
         if any(e - s > self.absorb_max for s, e in batch.spans()):
             return "a sequence's chunk is long enough for naive attention"
         if pool.data[0].dtype != self.dtype:
@@ -241,6 +253,16 @@ class FusedDecoder:
                 x = model.blocks[i].ffn_part(x)
         del rope, slots, ctx
         return x
+
+    def logits(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """float32 logits of rows ``rows`` of ``x``: the final norm and the (local) LM head
+        in one native call (the weight product with the layers' thread rules)."""
+        rows = rows.contiguous()
+        out = torch.empty(rows.shape[0], self.head.w.N, dtype=torch.float32)
+        self._check(kernel().fused_decode_head(self.head_addr, x.data_ptr(), rows.data_ptr(),
+                                               rows.shape[0], out.data_ptr(),
+                                               torch.get_num_threads()))
+        return out
 
     @staticmethod
     def _check(rc: int) -> None:

@@ -112,13 +112,17 @@ def test_fused_decode_matches_eager(reference, variant, ftype, layout, absorbed)
     compare(run, want, ftype)
 
 
-def test_short_prefill_chunks_run_fused(reference):
-    """A batch of a few multi-token chunks (<= 16 rows) runs fused, causal within each."""
+@pytest.mark.parametrize("chunks", [False, True])
+def test_short_prefill_chunks(reference, chunks):
+    """Prefill chunks stay eager by default; with ``chunks`` on, a batch of a few multi-token
+    chunks (<= 16 rows) runs fused, causal within each."""
     _, path = reference("full", "bf16", "mla")
     outs = []
     for fused in (False, True):
         model = load_model(path, fused_decode=fused)
         calls = count_calls(model) if fused else [0]
+        if fused:
+            model._fused.chunks = chunks
         pool = model.make_kv_pool(12, BLOCK)
         batch = ForwardBatch.build([(SEQS[0][:5], 0, [0, 1]), (SEQS[1][:7], 0, [5, 4])], BLOCK,
                                    all_logits=True)
@@ -126,7 +130,7 @@ def test_short_prefill_chunks_run_fused(reference):
         nxt = ForwardBatch.build([(SEQS[0][5:9], 5, [0, 1, 2]), ([3], 7, [5, 4])], BLOCK,
                                  all_logits=True)
         outs.append(model(nxt, pool))
-        assert calls[0] == (2 * model.cfg.num_layers if fused else 0)
+        assert calls[0] == (2 * model.cfg.num_layers if fused and chunks else 0)
     for g, w in zip(outs[2:], outs[:2], strict=True):
         assert ((g - w).norm() / w.norm()).item() <= 1e-2
         assert torch.equal(g.argmax(-1), w.argmax(-1))
@@ -207,3 +211,22 @@ def test_graph_mode_on_and_off_give_the_same_text(reference):
     assert all(t == texts[0] for t in texts)
     with pytest.raises(ValueError, match="graph_mode"):
         load_model(path, graph_mode="sometimes")
+
+
+def test_layer_split_decodes_fused(reference):
+    """Layers on two CPU "devices" (layer split): one fused call per layer, the same text."""
+    from llama_mpi.parallel.layer_split import plan_layers
+
+    _, path = reference("full", "f32", "mla")
+    want = decode(path, False)
+    plan = plan_layers(3, "cpu", 2, tensor_split=[1, 2])
+    model = load_model(path, layer_devices=plan.torch_devices())
+    calls = count_calls(model)
+    run = Run(model, SEQS, extra=12)
+    for _ in range(5):
+        run.step([0, 1, 2])
+    for _ in range(3):
+        run.step([1])
+    run.step([2, 0])
+    assert calls[0] == 9 * model.cfg.num_layers
+    compare(run, want, "f32")
