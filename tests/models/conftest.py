@@ -9,12 +9,13 @@ import pytest
 
 from llama_mpi.models.forward_batch import ForwardBatch
 from llama_mpi.models.hf_to_gguf import convert
+from tests.fixtures import DEEPSEEK_VOCAB
 
 from .hf_reference import hf_model
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-VOCAB = DATA / "ggml-vocab-deepseek-llm.gguf"
-MISSING_VOCAB = ("needs ../shared/data/ggml-vocab-deepseek-llm.gguf (llama.cpp's test vectors), "
+VOCAB = DEEPSEEK_VOCAB  # kept in the repository: tests/data/README.md
+DATA = VOCAB.parent
+MISSING_VOCAB = ("needs tests/data/ggml-vocab-deepseek-llm.gguf (llama.cpp's test vectors), "
                  f"not found at {VOCAB}")
 
 

@@ -3,8 +3,6 @@ reference doc (shared/reference/gguf_deepseek2.md sections 1, 2 and 4) and trans
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import gguf
 import pytest
 import torch
@@ -13,9 +11,10 @@ from llama_mpi.models.builder import build_model, main, preset_config
 from llama_mpi.models.builtin_vocab import CHAT_TEMPLATE, builtin_vocab, vocab_from_gguf
 from llama_mpi.models.quant_plan import plan_types
 from llama_mpi.models.random_weights import random_weights
+from tests.fixtures import DEEPSEEK_VOCAB
 
 QT, VT = gguf.GGMLQuantizationType, gguf.GGUFValueType
-VOCAB_GGUF = Path(__file__).resolve().parents[3] / "shared/data/ggml-vocab-deepseek-llm.gguf"
+VOCAB_GGUF = DEEPSEEK_VOCAB
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +162,7 @@ def test_builtin_vocab_round_trips_through_gguf(built):
 
 @pytest.mark.skipif(not VOCAB_GGUF.is_file(), reason=f"fixture {VOCAB_GGUF} not present")
 def test_vocab_from_gguf_copies_the_real_deepseek_tokenizer():
-    # reference values: shared/data/README.md (parsing the file twice would double a slow read)
+    # reference values: tests/data/README.md (parsing the file twice would double a slow read)
     v = vocab_from_gguf(VOCAB_GGUF)
     assert len(v["tokenizer.ggml.tokens"]) == len(v["tokenizer.ggml.token_type"]) == 102400
     assert len(v["tokenizer.ggml.merges"]) == 99757

@@ -11,9 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llama_mpi.models.tokenizer import Tokenizer, read_tokenizer_fields
+from tests.fixtures import DEEPSEEK_VOCAB
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-VOCAB = DATA / "ggml-vocab-deepseek-llm.gguf"
+VOCAB = DEEPSEEK_VOCAB  # kept in the repository: tests/data/README.md
+DATA = VOCAB.parent
 SEPARATOR = "\n__ggml_vocab_test__\n"
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
@@ -29,7 +30,7 @@ TEXT = st.text(
 def _need_vocab() -> None:
     if not VOCAB.exists():
         pytest.skip(
-            "needs ../shared/data/ggml-vocab-deepseek-llm.gguf (llama.cpp's test vectors), "
+            "needs tests/data/ggml-vocab-deepseek-llm.gguf (llama.cpp's test vectors), "
             f"not found at {VOCAB}"
         )
 
@@ -122,7 +123,7 @@ def test_metadata_reader_reads_what_gguf_writer_wrote(tmp_path: Path) -> None:
 
 
 def test_special_ids_and_add_bos_from_metadata(real: Tokenizer) -> None:
-    # ../shared/data/README.md: 102400 tokens, BOS 100000, EOS 100001, add_bos true; the
+    # tests/data/README.md: 102400 tokens, BOS 100000, EOS 100001, add_bos true; the
     # file also sets padding_token_id 100001 (the reference notes padding = EOS for DeepSeek).
     assert real.vocab_size == 102400
     assert (real.bos_id, real.eos_id, real.pad_id) == (100000, 100001, 100001)
