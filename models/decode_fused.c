@@ -313,7 +313,8 @@ static void silu_mul(const void *gu, void *y, int bf16, int64_t R, int64_t F) {
     for (int64_t r = 0; r < R; r++)
         for (int64_t f = 0; f < F; f++) {
             const float g = ((const float *)gu)[r * 2 * F + f];
-            ((float *)y)[r * F + f] = g / (1.0f + expf(-g)) * ((const float *)gu)[r * 2 * F + F + f];
+            const float u = ((const float *)gu)[r * 2 * F + F + f];
+            ((float *)y)[r * F + f] = g / (1.0f + expf(-g)) * u;
         }
 }
 
@@ -350,7 +351,8 @@ static int absorbed_f32(const layer_t *L, const step_t *S, const float *qf, cons
             const int64_t t = it / H;
             const int64_t *slots = S->ctx_slots + S->ctx_start[t], n = S->ctx_len[t];
             const float *q = qf + it * D;
-            for (int64_t l = 0; l < n; l++) s[l] = dot_f32(q, kv + slots[l] * D, D) * (float)L->scale;
+            for (int64_t l = 0; l < n; l++)
+                s[l] = dot_f32(q, kv + slots[l] * D, D) * (float)L->scale;
             softmax(s, n);
             float *o = o_lat + it * C;
             for (int64_t c = 0; c < C; c++) o[c] = 0.0f;
@@ -442,7 +444,8 @@ static int per_head(const void *W, int bf16, const void *X, int64_t ldx, void *Y
         }
         for (int64_t h = 0; h < H; h++)
             for (int64_t t = 0; t < T; t++)
-                memcpy(xt + (h * T + t) * K, (const uint16_t *)X + (t * H + h) * ldx, 2 * (size_t)K);
+                memcpy(xt + (h * T + t) * K, (const uint16_t *)X + (t * H + h) * ldx,
+                       2 * (size_t)K);
         WEIGHT(batched_skinny_bf16_matmul(W, xt, yt, H, T, N, K,
                                           threads_for(H * T * N * K, nt)));
         for (int64_t h = 0; h < H; h++)
@@ -537,7 +540,8 @@ static void route(const layer_t *L, float *logits, float *sel, int64_t *ids, flo
         for (int64_t j = 0; j < X; j++) logits[j] = 1.0f / (1.0f + expf(-logits[j]));
     else
         softmax(logits, X);
-    for (int64_t j = 0; j < X; j++) sel[j] = logits[j] + (L->router_bias ? L->router_bias[j] : 0.0f);
+    for (int64_t j = 0; j < X; j++)
+        sel[j] = logits[j] + (L->router_bias ? L->router_bias[j] : 0.0f);
     if (L->groups > 1 && L->groups_used < L->groups) {
         const int64_t G = L->groups, per = X / G;
         float gs[256];
@@ -600,7 +604,8 @@ static int moe(const layer_t *L, const step_t *S, const void *h, float *routed, 
     const int bf16 = (int)L->bf16, nt = (int)S->nthreads;
     const int64_t T = S->T, E = L->E, X = L->X, k = L->top_k, Fe = L->Fe, es = bf16 ? 2 : 4;
     int err = 0;
-    float *logits = malloc(sizeof(float) * (size_t)(T * X)), *sel = malloc(sizeof(float) * (size_t)X);
+    float *logits = malloc(sizeof(float) * (size_t)(T * X));
+    float *sel = malloc(sizeof(float) * (size_t)X);
     float *hf = malloc(sizeof(float) * (size_t)(T * E));
     int64_t ids[MAXT * 64];
     float wts[MAXT * 64];
@@ -651,8 +656,10 @@ static int moe(const layer_t *L, const step_t *S, const void *h, float *routed, 
                 if (!ga.q || !ga.d || !ga.s) err = FERR_NOMEM;
                 for (int64_t p = 0; p < P && !err; p++) {
                     memcpy(ga.q + p * K, qa.q + ptok[p] * K, (size_t)K);
-                    memcpy(ga.d + p * K / 32, qa.d + ptok[p] * K / 32, sizeof(float) * (size_t)(K / 32));
-                    memcpy(ga.s + p * K / 16, qa.s + ptok[p] * K / 16, sizeof(int32_t) * (size_t)(K / 16));
+                    memcpy(ga.d + p * K / 32, qa.d + ptok[p] * K / 32,
+                           sizeof(float) * (size_t)(K / 32));
+                    memcpy(ga.s + p * K / 16, qa.s + ptok[p] * K / 16,
+                           sizeof(int32_t) * (size_t)(K / 16));
                 }
             }
             for (int64_t p = 0; p < P && !err; p++)
@@ -670,7 +677,8 @@ static int moe(const layer_t *L, const step_t *S, const void *h, float *routed, 
                 const float wp = pw[p];
                 if (bf16) {
                     const uint16_t *yp = (const uint16_t *)y + p * E;
-                    for (int64_t e = 0; e < E; e++) o[e] = __builtin_fmaf(bf16_to_f32(yp[e]), wp, o[e]);
+                    for (int64_t e = 0; e < E; e++)
+                        o[e] = __builtin_fmaf(bf16_to_f32(yp[e]), wp, o[e]);
                 } else {
                     const float *yp = (const float *)y + p * E;
                     for (int64_t e = 0; e < E; e++) o[e] += yp[e] * wp;
