@@ -758,6 +758,8 @@ int fused_decode_head(const head_t *Hd, const float *x, const int64_t *rows, int
     float *xs = malloc(sizeof(float) * (size_t)(R * E));
     int err = h && xs && (y || !bf16) ? 0 : FERR_NOMEM;
     for (int64_t r = 0; r < R && !err; r++) memcpy(xs + r * E, x + rows[r] * E, 4 * (size_t)E);
+    const double t_start = prof_on ? now_ns() : 0.0;
+    prof_cur = prof_on ? prof[PROF_LAYERS - 1] : NULL; /* the last row: the head */
     if (!err) {
         rms_norm(xs, 0, E, Hd->norm, bf16, h, R, E, (float)Hd->eps);
         err = mat_mul(&Hd->w, bf16, h, E, R, bf16 ? (void *)y : (void *)logits, N, NULL,
@@ -765,6 +767,8 @@ int fused_decode_head(const head_t *Hd, const float *x, const int64_t *rows, int
     }
     if (!err && bf16)
         for (int64_t i = 0; i < R * N; i++) logits[i] = bf16_to_f32(((uint16_t *)y)[i]);
+    if (prof_cur) prof_cur[0] += now_ns() - t_start;
+    prof_cur = NULL;
     free(h), free(y), free(xs);
     return err;
 }

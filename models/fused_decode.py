@@ -6,7 +6,8 @@ weights once (pointers into the same tensors and GGUF blocks the eager path uses
 except where a dense weight is not contiguous) and builds the per-step metadata (RoPE
 rotations, pool slots, each row's context) once per step for all layers. Each layer is then
 one C call, or two where a collective sits between attention and FFN (TP all-reduce), and
-the FFN stays eager where its experts are exchanged all-to-all.
+the FFN stays eager where its experts are exchanged all-to-all; the final norm and the LM
+head are one more call.
 
 The eager path stays the reference and the fallback: prefill, batches over 16 rows, float16,
 non-CPU devices, and quantized weights outside the native backend all run eagerly (one log

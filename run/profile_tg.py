@@ -231,7 +231,7 @@ def _instrument(model, fused, cnt: Counters):
         ptr = stats.ctypes.data_as(ctypes.c_void_p)
         lib.fused_decode_profile(int(on), None if on else ptr)
         if not on:
-            for layer in range(len(model.blocks)):
+            for layer in [*range(len(model.blocks)), -1]:  # row -1: the fused head
                 total, w, n, att = stats[layer]
                 # the wrapper counted the whole call as native time already
                 cnt.weights[layer] += w / 1e9
