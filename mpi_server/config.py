@@ -84,7 +84,7 @@ class ServerConfig:
     enable_mla: bool = _k(True, "bool", "DeepSeek MLA: cache the compressed latent KV")
     enable_fused_moe: bool = _k(True, "bool", "sort tokens by expert, one pass per layer")
     offload_input: bool = _k(True, "bool", "place input embeddings on the device (always)")
-    enable_ge: bool = _k(False, "bool", "Ascend GE graph mode (needs torch_npu)")
+    enable_ge: bool = _k(False, "bool", "Ascend GE graph mode: the same as graph_mode: on")
     display_chat: bool = _k(False, "bool", "log each chat request and reply")
     presample_count: int = _k(-1, "int", "top-k candidates kept before sampling", _OFF_OR_POS)
     n_ctx: int = _k(4096, "int", "KV pool size in tokens, shared by all slots", _POSITIVE)
@@ -114,6 +114,10 @@ class ServerConfig:
                                   "(stopped, hung or gone) before the job is ended", _TIMEOUT)
     health_step_timeout: float = _k(120.0, "float", "/health answers 503 while one step has run "
                                     "longer than this (a hung rank or collective)", _TIMEOUT)
+    fused_decode: bool = _k(True, "bool", "CPU: each decode layer (up to 16 rows) as one native "
+                            "call; false = the eager torch path")
+    graph_mode: str = _k("off", ("off", "on"), "decode graphs: on a CPU the fused native layers "
+                         "(even with fused_decode false); CUDA graphs / GE not written: eager")
     kv_block_size: int = _k(16, "int", "tokens per paged KV block", _POSITIVE)
     max_queue: int = _k(256, "int", "waiting requests before HTTP 503", _POSITIVE)
     vocab_parallel: bool = _k(True, "bool", "split the LM head over ranks (MPI; measured faster)")
@@ -160,6 +164,8 @@ def check_value(key: str, value: Any) -> Any:
     kind, rule = _FIELDS[key].metadata["kind"], _FIELDS[key].metadata["rule"]
     why = rule[1] if rule else _KIND_TEXT.get(kind, "")
     if isinstance(kind, tuple):
+        if isinstance(value, bool) and {"on", "off"} <= set(kind):  # YAML 1.1 reads on as true
+            value = "on" if value else "off"
         if value not in kind:
             raise ValueError("must be one of " + ", ".join(repr(c) for c in kind))
         return value
@@ -256,7 +262,8 @@ def warn_inert_keys(cfg: ServerConfig) -> list[str]:
     """Log (one line each) and return warnings for keys set to something that cannot act here."""
     notes = []
     if cfg.enable_ge and importlib.util.find_spec("torch_npu") is None:
-        notes.append("enable_ge: GE graph mode needs an Ascend NPU with torch_npu; ignored")
+        notes.append("enable_ge: GE graph capture needs an Ascend NPU with torch_npu; on this "
+                     "machine it means graph_mode: on (CPU: the fused native decode layers)")
     if cfg.reranking:
         notes.append("reranking: this server has no rerank endpoint; ignored")
     if cfg.use_mlock:
@@ -286,5 +293,7 @@ def load_config(path: str | None, argv: list[str] | None = None) -> ServerConfig
         for key, (flag, value) in cli.overrides.items():
             apply_values(cfg, {key: value}, f"command line {flag}")
     cfg.model = os.path.expanduser(cfg.model)
+    if cfg.enable_ge:  # the seed's key for graph mode: one setting, derived here
+        cfg.graph_mode = "on"
     warn_inert_keys(cfg)
     return cfg

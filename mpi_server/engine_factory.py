@@ -14,6 +14,7 @@ import torch
 
 from llama_mpi.models.chat_template import ChatTemplate, encode_chat
 from llama_mpi.models.loader import load_model
+from llama_mpi.models.tensor_walk import check_finite
 from llama_mpi.models.tokenizer import Tokenizer
 from llama_mpi.mpi_server.async_engine import AsyncEngine
 from llama_mpi.mpi_server.config import ServerConfig
@@ -85,15 +86,6 @@ def log_resident(model: Any) -> None:
              gib(policy.copied_bytes), describe_resident())
 
 
-def check_finite(model: Any) -> None:
-    """``check_tensors``: refuse weights with NaN or inf (reads every held tensor once)."""
-    for i, block in enumerate(model.blocks):
-        for obj in (block.attn.w.values(), vars(block.ffn).values()):
-            for t in obj:
-                if isinstance(t, torch.Tensor) and not torch.isfinite(t).all():
-                    raise ValueError(f"check_tensors: layer {i} holds NaN or inf weights")
-
-
 def ensure_builtin_model(config: ServerConfig) -> None:
     """The quick start's built-in model is built on first use (a few seconds)."""
     from pathlib import Path
@@ -127,10 +119,11 @@ def local_executor(config: ServerConfig) -> ModelExecutor:
                        use_mmap=config.use_mmap, absorbed_mla=config.enable_mla,
                        quant_backend=config.quant_backend,
                        fused_moe=config.enable_fused_moe, layer_devices=devices,
+                       fused_decode=config.fused_decode, graph_mode=config.graph_mode,
                        device=devices[0] if devices else torch.device("cpu"))
     log_resident(model)
     if config.check_tensors:
-        check_finite(model)
+        check_finite(model)  # every weight: experts, router, norms, embedding, head
     num_blocks, block, max_len = pool_geometry(config, model.cfg.max_position_embeddings)
     return LocalExecutor(model, num_blocks, block, max_len, config.n_threads,
                          config.n_threads_batch)

@@ -17,6 +17,7 @@ from llama_mpi.models.deepseek_v2 import DeepseekV2
 from llama_mpi.models.forward_batch import ForwardBatch
 from llama_mpi.models.loader import load_model
 from llama_mpi.models.shard import Shard
+from llama_mpi.models.tensor_walk import check_finite
 from llama_mpi.moe.ep_dispatchers import make_dispatcher
 from llama_mpi.mpi_server.config import ServerConfig
 from llama_mpi.mpi_server.local_executor import LocalExecutor
@@ -49,8 +50,11 @@ def load_shard(config: ServerConfig, ctx: ParallelContext) -> DeepseekV2:
         use_mmap=config.use_mmap, absorbed_mla=config.enable_mla,
         quant_backend=config.quant_backend,
         fused_moe=config.enable_fused_moe, shard=shard, all_reduce=ctx.comm.all_reduce,
+        fused_decode=config.fused_decode, graph_mode=config.graph_mode,
         dispatcher=make_dispatcher(config.moe_comm, ctx.comm, cfg.num_experts),
         device=ctx.device, vocab_comm=ctx.comm if vocab_parallel else None)
+    if config.check_tensors:  # this rank's shard: every rank checks what it holds
+        check_finite(model)
     counts = model.param_counts()
     log.info("rank %d/%d holds %s parameters", r, n, counts)
     log_resident(model)

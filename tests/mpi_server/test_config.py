@@ -165,7 +165,14 @@ def test_enable_ge_without_npu_warns_once(tmp_path: Path, caplog: pytest.LogCapt
     with caplog.at_level(logging.WARNING):
         load_config(write(tmp_path, "enable_ge: true\n"))
     msgs = [r.getMessage() for r in caplog.records if "enable_ge" in r.getMessage()]
-    assert msgs == ["enable_ge: GE graph mode needs an Ascend NPU with torch_npu; ignored"]
+    assert msgs == ["enable_ge: GE graph capture needs an Ascend NPU with torch_npu; on this "
+                    "machine it means graph_mode: on (CPU: the fused native decode layers)"]
+
+
+def test_enable_ge_is_graph_mode_on(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "enable_ge: true\n")).graph_mode == "on"
+    assert load_config(None).graph_mode == "off"
+    assert load_config(write(tmp_path, "graph_mode: on\nfused_decode: false\n")).graph_mode == "on"
 
 
 @pytest.mark.parametrize("text", ["reranking: true", "use_mlock: true", "defrag_thold: 0.1"])

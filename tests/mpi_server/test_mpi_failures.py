@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from llama_mpi.models.builder import build_model
+from tests.models.test_tensor_walk import plant_nan
 from tests.mpi_server.server_process import free_port
 from tests.mpi_server.test_mpi_server import BIN, CONFIG, start, wait_ready
 
@@ -148,3 +149,18 @@ def test_a_bad_model_file_under_mpirun_is_said_once(tmp_path):
     assert job.returncode != 0
     assert out.count("not a GGUF file") == 1, out
     assert "Traceback" not in out, out
+
+
+def test_check_tensors_finds_a_nan_in_an_expert_under_mpirun(tiny, tmp_path):
+    bad = tmp_path / "nan.gguf"
+    bad.write_bytes(tiny.read_bytes())
+    plant_nan(bad, "blk.1.ffn_up_exps.weight")  # expert 0: rank 0's shard
+    cmd = job_cmd(bad, free_port(), tmp_path)
+    job_yaml = tmp_path / "job.yaml"
+    job_yaml.write_text(job_yaml.read_text().replace("check_tensors: false",
+                                                     "check_tensors: true"))
+    job = start(cmd)
+    out = ended(job, timeout=120)
+    assert job.returncode != 0
+    assert out.count("check_tensors: blocks.1.ffn.experts.gate_up holds NaN or inf") == 1, out
+    assert "rank 0: check_tensors" in out, out
