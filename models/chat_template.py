@@ -36,7 +36,7 @@ from .chat_template_sandbox import (
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 # DeepSeek-V2(-Lite)-Chat's tokenizer_config.json template; llama.cpp's DEEPSEEK_2 renderer.
 DEEPSEEK2_TEMPLATE = (
@@ -49,14 +49,45 @@ DEEPSEEK2_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
-# The plain-chat core of DeepSeek-V3's template, as llama.cpp's DEEPSEEK_3 renderer emits it.
+# DeepSeek-V3's chat format, as llama.cpp's DEEPSEEK_3 renderer emits plain chats, plus tool
+# calls in DeepSeek's V3 syntax: `tools` listed after BOS, assistant `tool_calls` as
+# <｜tool▁calls▁begin｜> blocks (``function<｜tool▁sep｜>NAME`` and fenced JSON arguments), and runs
+# of `tool` messages as one <｜tool▁outputs▁begin｜> block. A plain chat renders exactly as before.
 DEEPSEEK3_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{{ bos_token }}"
+    "{% if tools is defined and tools %}"
+    "{{ '## Tools\n\nYou may call the functions below. To call them, answer with '"
+    "'<｜tool▁calls▁begin｜>, then per call <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME, a '"
+    "'```json block of arguments and <｜tool▁call▁end｜>, and end with '"
+    "'<｜tool▁calls▁end｜>.\n\n' }}"
+    "{% for tool in tools %}{% set fn = tool['function'] if tool['function'] is defined "
+    "else tool %}{{ '### ' + fn['name'] + '\n' }}"
+    "{% if fn['description'] is defined and fn['description'] %}"
+    "{{ fn['description'] + '\n' }}{% endif %}"
+    "{% if fn['parameters'] is defined %}{{ 'Parameters: ' + (fn['parameters'] | tojson) + '\n' }}"
+    "{% endif %}{{ '\n' }}{% endfor %}{% endif %}"
+    "{% set ns = namespace(outputs=false) %}"
+    "{% for message in messages %}"
+    "{% if ns.outputs and message['role'] != 'tool' %}{{ '<｜tool▁outputs▁end｜>' }}"
+    "{% set ns.outputs = false %}{% endif %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
     "{% elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
     "{% elif message['role'] == 'assistant' %}"
-    "{{ '<｜Assistant｜>' + message['content'] + eos_token }}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+    "{{ '<｜Assistant｜>' + message['content'] }}"
+    "{% if message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{{ '<｜tool▁calls▁begin｜>' }}{% for call in message['tool_calls'] %}"
+    "{% if not loop.first %}{{ '\n' }}{% endif %}"
+    "{% set args = call['function']['arguments'] %}"
+    "{{ '<｜tool▁call▁begin｜>function<｜tool▁sep｜>' + call['function']['name'] + '\n```json\n' }}"
+    "{{ args if args is string else (args | tojson) }}{{ '\n```<｜tool▁call▁end｜>' }}"
+    "{% endfor %}{{ '<｜tool▁calls▁end｜>' }}{% endif %}{{ eos_token }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if not ns.outputs %}{{ '<｜tool▁outputs▁begin｜>' }}{% set ns.outputs = true %}"
+    "{% else %}{{ '\n' }}{% endif %}"
+    "{{ '<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>' }}"
+    "{% endif %}{% endfor %}"
+    "{% if ns.outputs %}{{ '<｜tool▁outputs▁end｜>' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
 )
 
 CHATML_TEMPLATE = (
@@ -116,6 +147,8 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
         if role not in ROLES:
             raise ChatTemplateError(f"message {i}: unknown role {role!r} (expected one of {ROLES})")
         content = message.get("content")
+        if content is None and role == "assistant" and message.get("tool_calls"):
+            content = ""  # an assistant turn that only calls tools
         if content is None:
             raise ChatTemplateError(f"message {i} ({role}) has no content")
         if not isinstance(content, str):
@@ -196,16 +229,21 @@ class ChatTemplate:
 
     def render(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-        **kwargs: Any,
+        tools: Sequence[Mapping[str, Any]] | None = None, **kwargs: Any,
     ) -> str:
         """The prompt text. ChatTemplateError (a ValueError) for a bad conversation or the
-        template's raise_exception; ChatTemplateRenderError past a bound or on a crash."""
+        template's raise_exception; ChatTemplateRenderError past a bound or on a crash.
+
+        ``tools`` (OpenAI's request list) is the template's ``tools`` variable, as transformers
+        passes it; left undefined when None, so ``tools is defined`` tells a template."""
         context = {
             "bos_token": self.bos_token, "eos_token": self.eos_token,
             **self.extra_context, **kwargs,
             "messages": normalize_messages(messages),
             "add_generation_prompt": add_generation_prompt,
         }
+        if tools is not None:
+            context["tools"] = list(tools)
         try:
             return render_bounded(self._compiled, context, self.render_timeout_s,
                                   self.max_output_chars)
@@ -222,10 +260,10 @@ class ChatTemplate:
 
 def encode_chat(
     tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Mapping[str, Any]],
-    add_generation_prompt: bool = True,
+    add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[int]:
     """Prompt ids for a conversation, with BOS exactly once when the vocabulary wants it."""
-    text = template.render(messages, add_generation_prompt=add_generation_prompt)
+    text = template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
     ids = tokenizer.encode(text, add_bos=False, parse_special=True)
     bos = tokenizer.bos_id
     if tokenizer.add_bos and bos is not None and (not ids or ids[0] != bos):

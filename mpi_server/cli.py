@@ -98,6 +98,7 @@ async def _serve(config: Any, build: Callable[[Any], Any] = _default_build) -> i
         special=bool(getattr(config, "special", False)),
         max_request_bytes=int(getattr(config, "max_request_bytes", 0) or 0),
         strict_model_name=bool(getattr(config, "strict_model_name", False)),
+        reasoning_format=str(getattr(config, "reasoning_format", "none") or "none"),
     )
     state = server_state(app)
     loop = asyncio.get_running_loop()

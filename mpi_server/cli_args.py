@@ -31,6 +31,8 @@ _VALUE_FLAGS: list[tuple[tuple[str, ...], str, str]] = [
     (("--dtype",), "dtype", "auto|float32|bfloat16|float16"),
     (("--device",), "device", "auto|cpu|cuda|npu"),
     (("--chat-template",), "chat_template", "Jinja chat template text"),
+    (("--reasoning-format",), "reasoning_format", "none|deepseek: <think> text to "
+     "reasoning_content"),
 ]
 
 # (option string, config key, value stored when the flag is present)

@@ -6,6 +6,7 @@ Not thread-safe: one thread drives it (``AsyncEngine`` owns that thread). It onl
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -79,6 +80,11 @@ class Engine:
         self.detokenizer_factory = detokenizer_factory
         self.seqs: dict[str, Sequence] = {}  # unfinished requests
         self.last_num_tokens = 0  # tokens in the last step's batch (0: nothing to run)
+        # structured outputs (see EngineStats)
+        self.constrained_tokens = 0
+        self.constrained_step_seconds = 0.0
+        self.grammar_seconds = 0.0
+        self._constrained_rows = 0
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -117,6 +123,8 @@ class Engine:
     # -- the step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        self._constrained_rows = 0
         scheduled = self.scheduler.schedule()
         self.last_num_tokens = sum(s.num_new_tokens for s in scheduled)
         if not scheduled:
@@ -128,7 +136,10 @@ class Engine:
         rows = [i for i, s in enumerate(scheduled) if s.seq.num_uncomputed == 0]
         if not rows:
             return []
-        return self._sample_and_emit([scheduled[i] for i in rows], logits, rows)
+        outputs = self._sample_and_emit([scheduled[i] for i in rows], logits, rows)
+        if self._constrained_rows:
+            self.constrained_step_seconds += time.perf_counter() - t0
+        return outputs
 
     def _sample_and_emit(
         self, done: list[ScheduledSeq], logits: torch.Tensor, rows: list[int]
@@ -136,24 +147,39 @@ class Engine:
         seqs = [s.seq for s in done]
         if len(rows) != logits.shape[0]:
             logits = logits[torch.tensor(rows, device=logits.device)]
+        matchers = [q.matcher for q in seqs]
+        self._constrained_rows = sum(m is not None for m in matchers)
         result = self.sampler(
             logits,
             [q.params for q in seqs],
             [q.prompt_ids for q in seqs],
             [q.output_ids for q in seqs],
             [q.generator for q in seqs],
+            **({"matchers": matchers} if self._constrained_rows else {}),
         )
+        if self._constrained_rows:
+            self.grammar_seconds += getattr(self.sampler, "last_mask_seconds", 0.0)
+            self.constrained_tokens += self._constrained_rows
         token_ids = result.token_ids.tolist()
         outputs = []
         for i, seq in enumerate(seqs):
             tid = int(token_ids[i])
             seq.append_token(tid)
             lps = self._logprobs(seq, tid, result, i)
-            text, reason = self._check_stop(seq, tid)
+            error = None
+            if seq.matcher is not None:
+                t_mask = time.perf_counter()
+                if not seq.matcher.accept(tid):
+                    error = f"the grammar refused sampled token {tid}: {seq.matcher.error}"
+                self.grammar_seconds += time.perf_counter() - t_mask
+            if error is not None:
+                text, reason = self._drain(seq, ""), "error"
+            else:
+                text, reason = self._check_stop(seq, tid)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.seqs.pop(seq.request_id, None)
-            outputs.append(self._output(seq, [tid], text, lps))
+            outputs.append(self._output(seq, [tid], text, lps, error))
         return outputs
 
     def _check_stop(self, seq: Sequence, tid: int) -> tuple[str, str | None]:
@@ -164,6 +190,8 @@ class Engine:
         text, hit = seq.stop_checker.feed(seq.detokenizer.add(tid))
         if hit:
             return text, "stop"
+        if seq.matcher is not None and seq.matcher.is_terminated():
+            return self._drain(seq, text), "stop"  # only EOS may follow: done, no extra step
         if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return self._drain(seq, text), "length"
         return text, None
@@ -182,7 +210,8 @@ class Engine:
         if p.top_logprobs and result.top_ids is not None:
             ids = result.top_ids[i, : p.top_logprobs].tolist()
             lps = result.top_logprobs[i, : p.top_logprobs].tolist()
-            top = [(t, self._token_text(t), lp) for t, lp in zip(ids, lps, strict=True)]
+            top = [(t, self._token_text(t), lp) for t, lp in zip(ids, lps, strict=True)
+                   if lp != float("-inf")]  # a grammar left fewer tokens than asked for
         return [TokenLogprob(tid, self._token_text(tid), float(result.logprobs[i]), top)]
 
     def _token_text(self, tid: int) -> str:
@@ -239,4 +268,7 @@ class Engine:
             kv_blocks_used=bm.num_used_blocks,
             prefix_cache_hits=bm.prefix_hits,
             prefix_cache_queries=bm.prefix_queries,
+            constrained_tokens=self.constrained_tokens,
+            constrained_step_seconds=self.constrained_step_seconds,
+            grammar_seconds=self.grammar_seconds,
         )

@@ -35,6 +35,11 @@ class EngineStats:
     kv_blocks_used: int
     prefix_cache_hits: int  # prompt tokens served from cache, cumulative
     prefix_cache_queries: int  # prompt tokens looked up, cumulative
+    # structured outputs, cumulative: tokens sampled under a grammar, the steps (schedule to
+    # outputs) that sampled at least one, and the time of their masks and accepts
+    constrained_tokens: int = 0
+    constrained_step_seconds: float = 0.0
+    grammar_seconds: float = 0.0
 
 
 class AsyncEngineAPI(ABC):

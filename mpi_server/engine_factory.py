@@ -97,17 +97,37 @@ def ensure_builtin_model(config: ServerConfig) -> None:
         ensure_model(config.model)
 
 
+class ChatEncoder:
+    """``chat_to_ids``: messages (and OpenAI ``tools``) -> prompt ids through the chat template.
+
+    Also carries what the HTTP layer needs to know about the model for structured outputs:
+    ``tool_syntax`` (the template's DeepSeek tool-call form, "v3" / "v31", or None when it
+    renders no tool calls) and ``compiler``, the model's one grammar compiler and cache.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate) -> None:
+        from llama_mpi.mpi_server.structured import compiler_for, detect_tool_syntax
+
+        self.tokenizer, self.template = tokenizer, template
+        self.tool_syntax = detect_tool_syntax(template.source)
+        try:
+            self.compiler = compiler_for(tokenizer)  # builds the grammar vocabulary now, once
+        except ValueError as exc:  # a vocabulary without EOS: constraints could never end
+            log.warning("structured outputs are unavailable: %s", exc)
+            self.compiler = None
+
+    def __call__(self, messages: list[dict[str, Any]],
+                 tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return encode_chat(self.tokenizer, self.template, messages, tools=tools)
+
+
 def build_tokenizer(config: ServerConfig) -> tuple[Tokenizer, ChatToIds]:
     ensure_builtin_model(config)
     tokenizer = Tokenizer.from_gguf(config.model)
     # compiled now: a broken template is a start-up error (ChatTemplateLoadError, a ValueError)
     template = ChatTemplate.resolve(tokenizer, config.chat_template)
     log.info("chat template: %s", template.origin)
-
-    def chat_to_ids(messages: list[dict[str, Any]]) -> list[int]:
-        return encode_chat(tokenizer, template, messages)
-
-    return tokenizer, chat_to_ids
+    return tokenizer, ChatEncoder(tokenizer, template)
 
 
 def local_executor(config: ServerConfig) -> ModelExecutor:

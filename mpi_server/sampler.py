@@ -1,4 +1,13 @@
-"""Batched sampler: penalties, bias, temperature, top-k / top-p / min-p, then one draw per row.
+"""Batched sampler: grammar masks, penalties, bias, temperature, top-k / top-p / min-p, then
+one draw per row.
+
+Constrained rows (a ``GrammarMatcher`` in ``matchers``) first get every token their grammar
+forbids set to -inf, so every later stage (and greedy argmax) only sees allowed tokens; free
+rows are untouched and an all-free batch pays one list scan. Logprobs are taken after the
+grammar mask and before penalties and temperature: the chosen token's logprob and the
+``top_logprobs`` are over the tokens the grammar allowed at that step (a forced token has
+logprob 0), never alternatives that could not have been drawn (vLLM's "processed" choice;
+its default reports the raw ones). For free rows nothing changes.
 
 Every step is a tensor op over all N rows with per-row parameter tensors; Python only loops
 over rows to build those tensors (and to draw from a row's own seeded generator). Steps that
@@ -7,7 +16,10 @@ no row needs are skipped, and an all-greedy batch is a single argmax.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -20,7 +32,7 @@ _NEG_INF = float("-inf")
 @dataclass
 class SampleResult:
     token_ids: torch.Tensor  # [N] int64
-    logprobs: torch.Tensor | None  # [N] float32, chosen token under log_softmax(raw logits)
+    logprobs: torch.Tensor | None  # [N] float32, chosen token under log_softmax(masked logits)
     top_ids: torch.Tensor | None  # [N, K] int64, K = max top_logprobs in the batch
     top_logprobs: torch.Tensor | None  # [N, K] float32
 
@@ -79,6 +91,7 @@ class Sampler:
         if presample_count == 0 or presample_count < -1:
             raise ValueError("presample_count: must be -1 (off) or a positive integer")
         self.vocab_size = vocab_size
+        self.last_mask_seconds = 0.0  # time of the last call's grammar masks
         # candidates kept before filtering; off when it would keep the whole vocabulary
         self.presample_count = presample_count if 0 < presample_count < vocab_size else -1
 
@@ -89,12 +102,22 @@ class Sampler:
         prompt_ids: list[list[int]],
         output_ids: list[list[int]],
         generators: list[torch.Generator | None],
+        matchers: Sequence[Any] | None = None,
     ) -> SampleResult:
+        """``matchers``: per row a ``structured.GrammarMatcher`` or None (free); the masks are
+        written into ``logits`` in place (the step's own tensor)."""
         n = logits.shape[0]
         if not n == len(params) == len(prompt_ids) == len(output_ids) == len(generators):
             raise ValueError("sampler: one params / prompt / output / generator per logits row")
         logits = logits.float()
-        result = self._raw_logprobs(logits, params)
+        self.last_mask_seconds = 0.0
+        if matchers is not None and any(m is not None for m in matchers):
+            from llama_mpi.mpi_server.structured.matcher import apply_grammar_masks
+
+            t0 = time.perf_counter()
+            apply_grammar_masks(logits, matchers)
+            self.last_mask_seconds = time.perf_counter() - t0
+        result = self._masked_logprobs(logits, params)
         logits = apply_penalties(logits, params, prompt_ids, output_ids)
 
         greedy = [p.temperature <= 0.0 for p in params]
@@ -140,8 +163,8 @@ class Sampler:
         noise = _exponential_noise(tuple(probs.shape), generators, device)
         return (probs / noise.clamp_min_(1e-20)).argmax(dim=1)  # clamp: 0/0 would be NaN
 
-    def _raw_logprobs(self, logits: torch.Tensor, params: list[SamplingParams]) -> SampleResult:
-        """Log-softmax of the raw logits, kept only if a row asked for logprobs."""
+    def _masked_logprobs(self, logits: torch.Tensor, params: list[SamplingParams]) -> SampleResult:
+        """Log-softmax of the (grammar-masked) logits, kept only if a row asked for logprobs."""
         k = max((p.top_logprobs for p in params), default=0)
         result = SampleResult(torch.empty(0), None, None, None)
         if not any(p.logprobs or p.top_logprobs > 0 for p in params):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -25,6 +26,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # a compiled grammar (structured.CompiledGrammar) every output token must fit, or None;
+    # compiled off the engine thread, each sequence takes its own matcher from it
+    constraint: Any = field(default=None, compare=False, repr=False)
 
     @property
     def greedy(self) -> bool:

@@ -79,6 +79,9 @@ class Sequence:
         self.generator = make_generator(params.seed, device)
         self.detokenizer = detokenizer
         self.stop_checker = StopChecker(params.stop)
+        # grammar state (structured.GrammarMatcher) on the sampling rank only: it lives here,
+        # never in the ForwardBatch that is broadcast to the other ranks
+        self.matcher = params.constraint.matcher() if params.constraint is not None else None
         self.finish_reason: str | None = None
         self.collect_timings = collect_timings
         self.timings = SeqTimings(arrival=self.now())

@@ -35,6 +35,7 @@ def create_app(
     ready: bool | None = None,
     max_request_bytes: int = 0,
     strict_model_name: bool = False,
+    reasoning_format: str = "none",
 ) -> FastAPI:
     """The HTTP app. ``engine=None`` (or ``ready=False``) starts it in the "loading" state:
     ``/health`` answers 503 until :func:`attach_engine` installs the model.
@@ -43,7 +44,8 @@ def create_app(
     ``max(4 MiB, 64 * max_model_len)`` (``limits.auto_body_limit``), following the context
     length installed by :func:`attach_engine`. ``strict_model_name``: a request naming another
     model than this one (or an alias) gets OpenAI's 404; by default it is served, as llama.cpp
-    serves its one model under any name.
+    serves its one model under any name. ``reasoning_format``: "deepseek" moves a leading
+    ``<think>`` block of chat replies to ``reasoning_content``; "none" leaves it in ``content``.
 
     The app's lifespan shutdown stops taking requests and awaits ``engine.shutdown()``.
     """
@@ -51,7 +53,10 @@ def create_app(
     state = ServerState(model_name=model_name, api_key=api_key or None, metrics=metrics,
                         display_chat=display_chat, no_perf=no_perf, special=special,
                         model_aliases=tuple(model_aliases), strict_model_name=strict_model_name,
-                        max_request_bytes=max(int(max_request_bytes), 0))
+                        max_request_bytes=max(int(max_request_bytes), 0),
+                        reasoning_format=reasoning_format)
+    if reasoning_format not in ("none", "deepseek"):
+        raise ValueError(f"reasoning_format: {reasoning_format!r} is not 'none' or 'deepseek'")
     if engine is not None:
         state.attach(engine, tokenizer, chat_to_ids, vocab_size, max_model_len)
         state.ready = True if ready is None else ready

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ConfigDict
 
 from llama_mpi.mpi_server.http import serving
+from llama_mpi.mpi_server.http import structured as so
 from llama_mpi.mpi_server.http.errors import APIError
 from llama_mpi.mpi_server.http.generation import Choice, Generation
 from llama_mpi.mpi_server.http.limits import check_text_length
@@ -93,8 +94,11 @@ async def completion(
 ) -> Any:
     engine = state.live_engine()
     state.check_model(body.model)
+    so.refuse_unsupported(body)
+    spec = so.format_spec(body)
     prompt_ids = await serving.prompt_to_ids(request, state, body.prompt)
-    fields = body.model_dump(exclude={"prompt", "n"})
+    compiled = await so.compile_spec(request, state, spec)
+    fields = body.model_dump(exclude={"prompt", "n", "response_format", "json_schema"})
     fields["logprobs"] = body.n_probs > 0
     fields["top_logprobs"] = body.n_probs
     # llama.cpp's default n_predict is -1 (no limit); max_tokens is accepted too.
@@ -102,6 +106,7 @@ async def completion(
     fields["skip_special_tokens"] = not state.special
     params = build_params(fields, max_tokens=limit, prompt_len=len(prompt_ids),
                           max_model_len=state.max_model_len, vocab_size=state.vocab_size)
+    params.constraint = compiled
     gen = Generation(engine, state.metrics, new_id("cmpl"), prompt_ids, [params],
                      timed=not state.no_perf)
     await serving.start(request, gen)

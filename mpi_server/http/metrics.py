@@ -46,6 +46,15 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(f"{PREFIX}_prefix_cache_query_tokens",
                                   "Prompt tokens looked up in the prefix cache",
                                   value=st.prefix_cache_queries)
+        yield CounterMetricFamily(f"{PREFIX}_constrained_tokens",
+                                  "Tokens sampled under a grammar (structured outputs)",
+                                  value=st.constrained_tokens)
+        yield CounterMetricFamily(f"{PREFIX}_constrained_step_seconds",
+                                  "Wall time of the engine steps that sampled a constrained row",
+                                  value=st.constrained_step_seconds)
+        yield CounterMetricFamily(f"{PREFIX}_grammar_seconds",
+                                  "Time of grammar masks and token accepts in those steps",
+                                  value=st.grammar_seconds)
 
 
 class Metrics:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from llama_mpi.models import chat_template
 from llama_mpi.mpi_server.http import openai_format as fmt
 from llama_mpi.mpi_server.http import serving
+from llama_mpi.mpi_server.http import structured as so
 from llama_mpi.mpi_server.http.errors import APIError, bad_request
 from llama_mpi.mpi_server.http.generation import Generation
 from llama_mpi.mpi_server.http.limits import check_text_length
@@ -55,13 +56,14 @@ def _text_chars(messages: list[dict[str, Any]]) -> int:
     return sum(len(m["content"]) for m in messages if isinstance(m["content"], str))
 
 
-async def _chat_ids(request: Request, state: ServerState, messages: list[dict[str, Any]]
-                    ) -> list[int]:
+async def _chat_ids(request: Request, state: ServerState, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
     """The rendered, tokenized chat; a chat whose texts alone cannot fit is not rendered."""
     check_text_length(_text_chars(messages), state.max_model_len, "messages")
     assert state.chat_to_ids is not None
+    args: tuple[Any, ...] = (messages,) if tools is None else (messages, tools)
     try:
-        return await serving.off_loop(request, state, state.chat_to_ids, messages)
+        return await serving.off_loop(request, state, state.chat_to_ids, *args)
     except ChatTemplateRenderError as exc:
         raise APIError(500, f"The chat template could not be rendered: {exc}",
                        type="server_error", code="chat_template_error") from exc
@@ -70,7 +72,8 @@ async def _chat_ids(request: Request, state: ServerState, messages: list[dict[st
 
 
 def _fields(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
-    return body.model_dump(exclude={"messages", "prompt", "stream_options"})
+    return body.model_dump(exclude={"messages", "prompt", "stream_options", "tools",
+                                    "response_format", "json_schema"})
 
 
 @router.post("/v1/chat/completions")
@@ -79,45 +82,76 @@ async def chat_completions(
 ) -> Any:
     engine = state.live_engine()
     state.check_model(body.model)
+    so.refuse_unsupported(body)
     if not body.messages:
         raise bad_request("messages: must contain at least one message", "messages")
+    spec = so.format_spec(body)
+    plan = so.tool_plan(body, state)
+    if spec is not None and plan.forced:
+        raise bad_request("tool_choice: cannot force a tool call together with a "
+                          f"{spec.field.split('.')[0]} constraint", param="tool_choice")
     messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
-    prompt_ids = await _chat_ids(request, state, messages)
+    prompt_ids = await _chat_ids(request, state, messages, plan.template_tools)
+    thinking = (state.reasoning_format == "deepseek" or plan.forced) and so.opens_reasoning(
+        state, prompt_ids)
+    compiled = await so.compile_spec(
+        request, state, spec or so.tool_spec(body, state, plan, thinking))
     fields = _fields(body)
     fields["top_logprobs"] = body.top_logprobs if body.logprobs else 0
     limit = pick_max_tokens(("max_completion_tokens", body.max_completion_tokens),
                             ("max_tokens", body.max_tokens), ("n_predict", body.n_predict))
-    fields["skip_special_tokens"] = not state.special
+    # the tool-call parser needs the markers, which are special tokens of DeepSeek vocabularies
+    fields["skip_special_tokens"] = not (state.special or plan.parse)
     params = build_params(fields, max_tokens=limit, prompt_len=len(prompt_ids),
                           max_model_len=state.max_model_len, vocab_size=state.vocab_size,
                           prompt_param="messages")
+    params.constraint = compiled
     rid, created = fmt.new_id("chatcmpl"), fmt.now()
     gen = Generation(engine, state.metrics, rid, prompt_ids, per_choice(params),
                      timed=not state.no_perf)
+    reasoning = state.reasoning_format == "deepseek"
+
+    def shaper() -> so.ReplyShaper:
+        return so.ReplyShaper(reasoning, thinking, plan.parse)
+
     await serving.start(request, gen)
     meta = (rid, created, state.model_name)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _chat_stream(state, gen, meta, messages, body.logprobs, usage)
+        stream = _chat_stream(state, gen, meta, messages, body.logprobs, usage, shaper)
         return EventStream(stream, on_close=gen.close)
     choices = await serving.collect(request, gen)
     if state.display_chat:
         serving.show_exchange(messages, choices)
     out = fmt.envelope(rid, "chat.completion", created, state.model_name, [
-        {"index": c.index, "message": {"role": "assistant", "content": c.text},
-         "logprobs": fmt.chat_logprobs(c.logprobs) if body.logprobs else None,
-         "finish_reason": c.finish_reason}
-        for c in choices
-    ])
+        _chat_choice(c, shaper(), body.logprobs) for c in choices])
     out["usage"] = fmt.usage(choices, len(prompt_ids))
     return out
 
 
+def _chat_choice(c: Any, shaper: so.ReplyShaper, logprobs: bool) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": c.text}
+    reason = c.finish_reason
+    if shaper.active:
+        parts, calls = shaper.whole(c.text)
+        message["content"] = parts.content if parts.content or not calls else None
+        if parts.reasoning:
+            message["reasoning_content"] = parts.reasoning
+        if calls:
+            message["tool_calls"] = [call.to_openai() for call in calls]
+        reason = so.finish_reason(reason, bool(calls))
+    return {"index": c.index, "message": message,
+            "logprobs": fmt.chat_logprobs(c.logprobs) if logprobs else None,
+            "finish_reason": reason}
+
+
 async def _chat_stream(
     state: ServerState, gen: Generation, meta: tuple[str, int, str], messages: list[Any],
-    logprobs: bool, include_usage: bool,
+    logprobs: bool, include_usage: bool, make_shaper: Any,
 ) -> AsyncIterator[bytes]:
     rid, created, model = meta
+    shapers = [make_shaper() for _ in gen.choices]
+    called = [False] * len(gen.choices)
 
     def chunk(choices: list[Any]) -> bytes:
         payload = fmt.envelope(rid, "chat.completion.chunk", created, model, choices)
@@ -125,19 +159,34 @@ async def _chat_stream(
             payload["usage"] = None  # OpenAI: null on every chunk but the last
         return sse(payload)
 
+    def delta(c: Any, text: str, final: bool) -> dict[str, Any]:
+        shaper = shapers[c.index]
+        if not shaper.active:
+            return {"content": text} if text else {}
+        parts = shaper.feed(text) if text else so.MessageParts()
+        if final:
+            last = shaper.finish()
+            parts = so.MessageParts(parts.content + last.content,
+                                    parts.reasoning + last.reasoning,
+                                    parts.tool_calls + last.tool_calls)
+        called[c.index] = called[c.index] or bool(parts.tool_calls)
+        return parts.delta()
+
     try:
         for c in gen.choices:
             yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None}])
         async for c, out in gen.events():
-            if out.new_text or out.logprobs:
-                lp = fmt.chat_logprobs(out.logprobs) if logprobs else None
-                yield chunk([{"index": c.index, "delta": {"content": out.new_text},
-                              "logprobs": lp, "finish_reason": None}])
+            d = delta(c, out.new_text, out.finished)
+            if d or out.logprobs:
+                lp = fmt.chat_logprobs(out.logprobs) if logprobs and out.logprobs else None
+                yield chunk([{"index": c.index, "delta": d, "logprobs": lp,
+                              "finish_reason": None}])
             if out.finished:
                 serving.raise_if_failed([c])
+                reason = so.finish_reason(c.finish_reason, called[c.index])
                 yield chunk([{"index": c.index, "delta": {}, "logprobs": None,
-                              "finish_reason": c.finish_reason}])
+                              "finish_reason": reason}])
         if include_usage:
             payload = fmt.envelope(rid, "chat.completion.chunk", created, model, [])
             payload["usage"] = fmt.usage(gen.choices, len(gen.prompt_ids))
@@ -157,9 +206,12 @@ async def completions(
 ) -> Any:
     engine = state.live_engine()
     state.check_model(body.model)
+    so.refuse_unsupported(body)
     if body.echo:
         raise bad_request("echo: not supported", "echo")
+    spec = so.format_spec(body)
     prompt_ids = await serving.prompt_to_ids(request, state, body.prompt)
+    compiled = await so.compile_spec(request, state, spec)
     fields = _fields(body)
     fields["top_logprobs"] = body.logprobs or 0
     fields["logprobs"] = body.logprobs is not None
@@ -168,6 +220,7 @@ async def completions(
     fields["skip_special_tokens"] = not state.special
     params = build_params(fields, max_tokens=limit, prompt_len=len(prompt_ids),
                           max_model_len=state.max_model_len, vocab_size=state.vocab_size)
+    params.constraint = compiled
     rid, created = fmt.new_id("cmpl"), fmt.now()
     gen = Generation(engine, state.metrics, rid, prompt_ids, per_choice(params),
                      timed=not state.no_perf)

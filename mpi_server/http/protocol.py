@@ -46,9 +46,46 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Request(BaseModel):
-    # Unknown fields (user, tools, response_format, ...) are accepted and ignored, as
-    # llama.cpp does, so clients that send extras keep working.
+    # Unknown fields (user, metadata, store, ...) are accepted and ignored, as llama.cpp does,
+    # so clients that send harmless extras keep working. Fields that would change what the
+    # client gets, and that this server does not implement, are declared below as
+    # `Unsupported` and refused with a 400 naming them (`unsupported_fields`).
     model_config = ConfigDict(extra="ignore")
+
+
+Unsupported = Any  # declared so that it is not dropped with the ignored extras
+
+# field -> (values that ask for nothing this server lacks, what to do instead)
+UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "functions": ((None, []), "use 'tools'"),
+    "function_call": ((None, "none", "auto"), "use 'tool_choice'"),
+    "audio": ((None,), "this server generates text only"),
+    "modalities": ((None, ["text"]), "this server generates text only"),
+    "prediction": ((None,), "predicted outputs are not implemented"),
+    "web_search_options": ((None,), "web search is not implemented"),
+    "reasoning_effort": ((None,), "reasoning effort cannot be set for these models"),
+    "best_of": ((None, 1), "send n requests instead"),
+    "suffix": ((None, ""), "insertion (suffix) is not implemented"),
+    "mirostat": ((None, 0), "mirostat sampling is not implemented"),
+    "typical_p": ((None, 1, 1.0), "typical sampling is not implemented"),
+    "tfs_z": ((None, 1, 1.0), "tail-free sampling is not implemented"),
+    "dynatemp_range": ((None, 0, 0.0), "dynamic temperature is not implemented"),
+    "xtc_probability": ((None, 0, 0.0), "XTC sampling is not implemented"),
+    "dry_multiplier": ((None, 0, 0.0), "DRY sampling is not implemented"),
+    "top_n_sigma": ((None, -1, -1.0), "top-n-sigma sampling is not implemented"),
+    "samplers": ((None,), "the sampler order is fixed"),
+}
+
+
+def unsupported_fields(body: BaseModel) -> tuple[str, str] | None:
+    """(field, why) of the first declared-unsupported field the request actually uses."""
+    for name in UNSUPPORTED:
+        if name in type(body).model_fields:
+            value = getattr(body, name)
+            harmless, why = UNSUPPORTED[name]
+            if not any(value == h and type(value) is type(h) for h in harmless):
+                return name, why
+    return None
 
 
 class StreamOptions(_Request):
@@ -76,6 +113,25 @@ class SamplingFields(_Request):
     logit_bias: dict[Text, float] | None = None
     ignore_eos: bool = False
     n: int = 1
+    # structured outputs (every generating endpoint; llama.cpp takes all three everywhere)
+    response_format: dict[str, Any] | None = None
+    json_schema: Any = None  # llama.cpp: a raw JSON schema
+    grammar: Text | None = None  # llama.cpp: GBNF
+    # llama.cpp samplers this server does not have
+    mirostat: Unsupported = None
+    typical_p: Unsupported = None
+    tfs_z: Unsupported = None
+    dynatemp_range: Unsupported = None
+    xtc_probability: Unsupported = None
+    dry_multiplier: Unsupported = None
+    top_n_sigma: Unsupported = None
+    samplers: Unsupported = None
+
+    @model_validator(mode="after")
+    def _no_surrogates_in_constraints(self) -> SamplingFields:
+        if find_surrogate(self.response_format) or find_surrogate(self.json_schema):
+            raise ValueError(SURROGATE_MESSAGE)
+        return self
 
 
 class ChatMessage(_Request):
@@ -99,6 +155,22 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Text | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: Unsupported = None
+    function_call: Unsupported = None
+    audio: Unsupported = None
+    modalities: Unsupported = None
+    prediction: Unsupported = None
+    web_search_options: Unsupported = None
+    reasoning_effort: Unsupported = None
+
+    @model_validator(mode="after")
+    def _no_surrogates_in_tools(self) -> ChatCompletionRequest:
+        if find_surrogate(self.tools) or find_surrogate(self.tool_choice):
+            raise ValueError(SURROGATE_MESSAGE)
+        return self
 
 
 Prompt = Text | list[int] | list[Text] | list[list[int]]
@@ -112,3 +184,5 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None  # legacy: number of top alternatives per token
     echo: bool = False
     max_completion_tokens: int | None = None
+    best_of: Unsupported = None
+    suffix: Unsupported = None

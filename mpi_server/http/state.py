@@ -37,6 +37,7 @@ class ServerState:
     model_aliases: tuple[str, ...] = ()  # other names accepted in "model" (e.g. the GGUF file)
     strict_model_name: bool = False  # 404 for an unknown "model" (OpenAI) instead of serving it
     max_request_bytes: int = 0  # request body limit; 0: auto_body_limit(max_model_len)
+    reasoning_format: str = "none"  # "deepseek": <think> text goes to reasoning_content
     engine: AsyncEngineAPI | None = None
     tokenizer: Any = None
     chat_to_ids: ChatToIds | None = None
@@ -44,6 +45,9 @@ class ServerState:
     max_model_len: int = 0
     ready: bool = False
     draining: bool = False
+    # structured outputs, from the model's chat encoder (engine_factory.ChatEncoder)
+    compiler: Any = None  # structured.GrammarCompiler, or None (built on first use if it can)
+    tool_syntax: str | None = None  # "v3" | "v31": the chat template renders tool calls
     _shutdown: asyncio.Task[None] | None = field(default=None, repr=False)
     _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
 
@@ -58,6 +62,8 @@ class ServerState:
         """Install a loaded model and start serving (``/health`` turns 200)."""
         self.engine, self.tokenizer, self.chat_to_ids = engine, tokenizer, chat_to_ids
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
+        self.compiler = getattr(chat_to_ids, "compiler", None)
+        self.tool_syntax = getattr(chat_to_ids, "tool_syntax", None)
         self.metrics.bind_engine(engine)
         self.ready = True
 
@@ -92,6 +98,23 @@ class ServerState:
             raise APIError(503, f"The inference engine is unavailable: {reason}",
                            type="server_error", code="engine_dead")
         return engine
+
+    def grammar_compiler(self) -> Any:
+        """The model's grammar compiler; 400 if this vocabulary cannot take constraints."""
+        if self.compiler is None:
+            from llama_mpi.models.tokenizer import Tokenizer
+
+            if isinstance(self.tokenizer, Tokenizer):
+                from llama_mpi.mpi_server.structured import compiler_for
+
+                try:
+                    self.compiler = compiler_for(self.tokenizer)
+                except ValueError as exc:
+                    raise APIError(400, f"Structured outputs are unavailable for this model: "
+                                   f"{exc}") from exc
+            else:
+                raise APIError(400, "Structured outputs are unavailable for this model")
+        return self.compiler
 
     def check_model(self, model: str | None) -> None:
         """Any name is served (as llama.cpp does) unless ``strict_model_name``."""

@@ -125,7 +125,7 @@ def test_text_parts_joined_with_newline_like_llama_cpp(real: Tokenizer) -> None:
     "messages, message",
     [
         ([], "empty"),
-        ([{"role": "tool", "content": "x"}], "unknown role 'tool'"),
+        ([{"role": "robot", "content": "x"}], "unknown role 'robot'"),
         ([{"role": "user"}], "no content"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "text"),
     ],
