@@ -41,7 +41,14 @@ def find_surrogate(value: Any) -> bool:
     return False
 
 
+def _json_unicode(value: Any) -> Any:
+    if find_surrogate(value):
+        raise ValueError(SURROGATE_MESSAGE)
+    return value
+
+
 Text = Annotated[str, AfterValidator(_unicode)]
+JSONValue = Annotated[Any, AfterValidator(_json_unicode)]  # any JSON, all strings Unicode
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -114,8 +121,8 @@ class SamplingFields(_Request):
     ignore_eos: bool = False
     n: int = 1
     # structured outputs (every generating endpoint; llama.cpp takes all three everywhere)
-    response_format: dict[str, Any] | None = None
-    json_schema: Any = None  # llama.cpp: a raw JSON schema
+    response_format: Annotated[dict[str, Any] | None, AfterValidator(_json_unicode)] = None
+    json_schema: JSONValue = None  # llama.cpp: a raw JSON schema
     grammar: Text | None = None  # llama.cpp: GBNF
     # llama.cpp samplers this server does not have
     mirostat: Unsupported = None
@@ -126,12 +133,6 @@ class SamplingFields(_Request):
     dry_multiplier: Unsupported = None
     top_n_sigma: Unsupported = None
     samplers: Unsupported = None
-
-    @model_validator(mode="after")
-    def _no_surrogates_in_constraints(self) -> SamplingFields:
-        if find_surrogate(self.response_format) or find_surrogate(self.json_schema):
-            raise ValueError(SURROGATE_MESSAGE)
-        return self
 
 
 class ChatMessage(_Request):
@@ -155,8 +156,8 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Text | dict[str, Any] | None = None
+    tools: Annotated[list[dict[str, Any]] | None, AfterValidator(_json_unicode)] = None
+    tool_choice: Annotated[str | dict[str, Any] | None, AfterValidator(_json_unicode)] = None
     parallel_tool_calls: bool | None = None
     functions: Unsupported = None
     function_call: Unsupported = None
@@ -165,12 +166,6 @@ class ChatCompletionRequest(SamplingFields):
     prediction: Unsupported = None
     web_search_options: Unsupported = None
     reasoning_effort: Unsupported = None
-
-    @model_validator(mode="after")
-    def _no_surrogates_in_tools(self) -> ChatCompletionRequest:
-        if find_surrogate(self.tools) or find_surrogate(self.tool_choice):
-            raise ValueError(SURROGATE_MESSAGE)
-        return self
 
 
 Prompt = Text | list[int] | list[Text] | list[list[int]]

@@ -253,3 +253,13 @@ def test_describe_keys_covers_every_field() -> None:
     assert [r[0] for r in rows] == [f.name for f in dataclasses.fields(ServerConfig)]
     assert all(isinstance(doc, str) and doc for _, _, _, doc in rows)
     assert ("n_ctx", "int", 4096) == rows[[r[0] for r in rows].index("n_ctx")][:3]
+
+
+def test_reasoning_format_key_and_flag(tmp_path: Path) -> None:
+    assert ServerConfig().reasoning_format == "none"
+    assert load_config(None, ["--reasoning-format", "deepseek"]).reasoning_format == "deepseek"
+    f = tmp_path / "c.yaml"
+    f.write_text("reasoning_format: deepseek\n")
+    assert load_config(str(f)).reasoning_format == "deepseek"
+    with pytest.raises(ConfigError, match="reasoning_format: must be one of 'none', 'deepseek'"):
+        load_config(None, ["--reasoning-format", "r1"])

@@ -1,8 +1,9 @@
-"""``mpirun -np 2 llama-mpi-server`` behind the openai client: same greedy text as the
-single-process server, clean SIGTERM shutdown, and a failing rank ends the job promptly."""
+"""``mpirun -np 2 llama-mpi-server`` behind the openai client: same greedy text (and the same
+JSON-schema-constrained text) as the single-process server, clean SIGTERM shutdown, and a failing rank ends the job promptly."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,8 @@ from llama_mpi.models.builder import build_model
 from tests.mpi_server.server_process import free_port
 
 BIN = Path(sys.executable).parent
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "default.yaml"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
 
 
@@ -68,6 +70,22 @@ def greedy_texts(url: str) -> list[str]:
             for p in PROMPTS]
 
 
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "kind", "n"],
+          "properties": {"name": {"type": "string", "maxLength": 8},
+                         "kind": {"enum": ["a", "b", "c"]},
+                         "n": {"type": "integer", "minimum": 0, "maximum": 99}}}
+
+
+def constrained_texts(url: str) -> list[str]:
+    """One JSON-schema request greedy and one seeded: the masks are rank 0's alone."""
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}
+    return [client.chat.completions.create(
+        model="tiny.gguf", messages=[{"role": "user", "content": "json"}], max_tokens=200,
+        response_format=fmt, **sampling).choices[0].message.content
+        for sampling in ({"temperature": 0}, {"seed": 7})]
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     if not (BIN / "mpirun").exists():
@@ -85,10 +103,14 @@ def test_mpi_server_greedy_text_equals_single_process_server(model):
         wait_ready(mpi, f"http://127.0.0.1:{mpi_port}")
         want = greedy_texts(f"http://127.0.0.1:{single_port}")
         got = greedy_texts(f"http://127.0.0.1:{mpi_port}")
+        want_json = constrained_texts(f"http://127.0.0.1:{single_port}")
+        got_json = constrained_texts(f"http://127.0.0.1:{mpi_port}")
     finally:
         code_single, _ = stop(single)
         code_mpi, out = stop(mpi)
     assert got == want
+    assert got_json == want_json
+    assert all(json.loads(t).keys() == SCHEMA["properties"].keys() for t in got_json)
     assert all(len(t) > 0 for t in got)
     assert code_single == 0
     assert code_mpi == 0, out  # SIGTERM to mpirun shut every rank down cleanly
@@ -96,7 +118,10 @@ def test_mpi_server_greedy_text_equals_single_process_server(model):
 
 def test_rank_failing_mid_decode_ends_the_job_within_30s(model):
     port = free_port()
-    proc = start(server_cmd(model, port, np=2), env={"LLAMA_MPI_FAIL_AT_STEP": "3"})
+    cmd = server_cmd(model, port, np=2)
+    cmd[cmd.index(str(BIN / "llama-mpi-server"))] = sys.executable  # the same, plus a hook:
+    cmd[4:4] = ["-m", "tests.mpi_server.faulty_server", "1", "3"]  # rank 1 fails at step 3
+    proc = start(cmd, env={"PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url)
     t0 = time.monotonic()
