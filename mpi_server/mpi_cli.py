@@ -7,14 +7,18 @@ the HTTP server, the scheduler and sampling; the others follow its steps. SIGTER
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # before torch: see parallel/
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, worker_hook: Callable[[int, int], None] | None = None
+         ) -> int:
+    """``worker_hook(rank, step)``, for tests, runs on worker ranks before each step."""
     from llama_mpi.mpi_server.cli import configure
 
     config = configure("llama-mpi-server", argv)
@@ -60,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             model, (blocks, block, _) = prepare()
         except StartupError:  # rank 0 prints the job's message
             return 1
-        run_guarded(run_worker, model, blocks, block, channel)
+        hook = None if worker_hook is None else functools.partial(worker_hook, ctx.rank)
+        run_guarded(run_worker, model, blocks, block, channel, hook)
         if heartbeat is not None:
             heartbeat.close()
         return 0

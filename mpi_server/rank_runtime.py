@@ -8,8 +8,8 @@ A failure anywhere aborts the whole job (MPI Abort) with the failing rank's mess
 from __future__ import annotations
 
 import logging
-import os
 import traceback
+from collections.abc import Callable
 
 import torch
 
@@ -89,20 +89,16 @@ class DrivingExecutor(LocalExecutor):
             self.channel.publish(None)
 
 
-def run_worker(model: DeepseekV2, pool_blocks: int, block_size: int, channel: StepChannel
-               ) -> None:
+def run_worker(model: DeepseekV2, pool_blocks: int, block_size: int, channel: StepChannel,
+               on_step: Callable[[int], None] | None = None) -> None:
     """Ranks > 0: run published steps until the shutdown message.
 
-    ``LLAMA_MPI_FAIL_AT_STEP=N`` (with ``LLAMA_MPI_FAIL_RANK``, default 1) makes this rank
-    raise at its N-th step: a fault-injection hook for testing that a failing rank ends the
-    whole job with its message instead of hanging the others."""
+    ``on_step(n)`` runs before this rank's n-th step: a test hook (e.g. to make a rank fail
+    mid-decode and check that the whole job ends with its message)."""
     pool = model.make_kv_pool(pool_blocks, block_size)
-    fail_at = int(os.environ.get("LLAMA_MPI_FAIL_AT_STEP", "0"))
-    if int(os.environ.get("LLAMA_MPI_FAIL_RANK", "1")) != channel.comm.rank:
-        fail_at = 0
     step = 0
     while (batch := channel.receive()) is not None:
         step += 1
-        if step == fail_at:
-            raise RuntimeError(f"injected failure at step {step} (LLAMA_MPI_FAIL_AT_STEP)")
+        if on_step is not None:
+            on_step(step)
         model(batch, pool, logits=False)

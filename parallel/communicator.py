@@ -66,6 +66,12 @@ class Communicator(ABC):
         """Return root's picklable `obj` on every rank."""
         return self._guarded("broadcast_object", self._broadcast_object, obj, root)
 
+    def idle_broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        """``broadcast_object`` for a wait that may last as long as the server is idle: not
+        under the collective watchdog (a stuck peer is the heartbeat's to find), and, where
+        the backend can, without burning a core while waiting."""
+        return self._idle_broadcast_object(obj, root)
+
     def broadcast(self, t: torch.Tensor, root: int = 0) -> torch.Tensor:
         """Overwrite `t` on every rank with root's `t` (same shape/dtype everywhere)."""
         return self._guarded("broadcast", self._broadcast, t, root)
@@ -95,6 +101,9 @@ class Communicator(ABC):
 
     @abstractmethod
     def _broadcast_object(self, obj: Any, root: int) -> Any: ...
+
+    def _idle_broadcast_object(self, obj: Any, root: int) -> Any:
+        return self._broadcast_object(obj, root)  # backends with a cheaper wait override it
 
     @abstractmethod
     def _broadcast(self, t: torch.Tensor, root: int) -> torch.Tensor: ...

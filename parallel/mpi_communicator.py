@@ -6,6 +6,8 @@ unless a tensor is non-contiguous.
 
 from __future__ import annotations
 
+import pickle
+import time
 from typing import Any, Literal
 
 import numpy as np
@@ -17,6 +19,8 @@ from .mpi_buffers import move_spec, reduce_spec, row_type
 from .watchdog import CollectiveWatchdog
 
 Bf16Reduce = Literal["op", "upcast"]
+IDLE_SPIN_S = 0.02  # idle wait: poll tightly this long, then
+IDLE_SLEEP_S = 0.0005  # sleep this long between polls
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -101,6 +105,26 @@ class MPICommunicator(Communicator):
 
     def _broadcast_object(self, obj: Any, root: int) -> Any:
         return self.comm.bcast(obj, root=root)
+
+    def _idle_broadcast_object(self, obj: Any, root: int) -> Any:
+        # The size arrives by a non-blocking broadcast, polled tightly for a few milliseconds
+        # (a busy server's next step comes quickly), then with short sleeps; then the payload.
+        header = np.zeros(1, dtype=np.int64)
+        if self.rank == root:
+            payload = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL),
+                                    np.uint8)
+            header[0] = payload.size
+            self.comm.Ibcast(header, root=root).Wait()
+            self.comm.Bcast(payload, root=root)
+            return obj
+        req = self.comm.Ibcast(header, root=root)
+        start = time.monotonic()
+        while not req.Test():
+            if time.monotonic() - start > IDLE_SPIN_S:
+                time.sleep(IDLE_SLEEP_S)
+        payload = np.empty(int(header[0]), dtype=np.uint8)
+        self.comm.Bcast(payload, root=root)
+        return pickle.loads(payload.tobytes())
 
     def _broadcast(self, t: torch.Tensor, root: int) -> torch.Tensor:
         host = _host(t)
