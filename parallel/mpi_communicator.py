@@ -49,7 +49,7 @@ class MPICommunicator(Communicator):
         rank, size = self.comm.Get_rank(), self.comm.Get_size()
         watchdog = CollectiveWatchdog(rank, timeout) if timeout else None
         super().__init__(rank, size, watchdog)
-        # "op": user-defined MPI Op adding bf16 words (bench_comm: faster at 8 MiB);
+        # "op": user-defined MPI Op adding bf16 words (run/bench_comm.py: faster at 8 MiB);
         # "upcast": fp32 Allreduce then round once (more accurate, 3x the traffic).
         self.bf16_reduce = bf16_reduce
 

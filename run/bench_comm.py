@@ -1,6 +1,6 @@
 """Latency of all_reduce / all_to_all for the MPI and gloo communicators.
 
-    mpirun -np 2 python -m llama_mpi.parallel.bench_comm [--iters 30]
+    mpirun -np 2 .venv/bin/python run/bench_comm.py [--iters 30]
 
 Per-rank payloads of 8 KiB and 8 MiB, float32 and bfloat16; median over iterations of the
 slowest rank. "mpi/upcast" is the bf16 all_reduce through an fp32 copy instead of the
@@ -18,10 +18,10 @@ from functools import partial
 import torch
 from mpi4py import MPI
 
-from .bootstrap import init_parallel
-from .communicator import Communicator
-from .mpi_communicator import MPICommunicator
-from .torch_dist_communicator import TorchDistCommunicator
+from llama_mpi.parallel.bootstrap import init_parallel
+from llama_mpi.parallel.communicator import Communicator
+from llama_mpi.parallel.mpi_communicator import MPICommunicator
+from llama_mpi.parallel.torch_dist_communicator import TorchDistCommunicator
 
 SIZES = {"8KiB": 8 << 10, "8MiB": 8 << 20}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
