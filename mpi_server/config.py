@@ -129,8 +129,9 @@ class ServerConfig:
                                 "max(4 MiB, 64 bytes x n_ctx)", _NONNEG)
     strict_model_name: bool = _k(False, "bool", "answer 404 for a `model` other than the one "
                                  "served (default: serve it anyway, as llama.cpp does)")
-    reasoning_format: str = _k("none", ("none", "deepseek"), "deepseek: text between <think> "
-                               "and </think> goes to reasoning_content (as llama.cpp's flag)")
+    reasoning_format: str = _k("none", ("none", "deepseek"), "deepseek: the reply's leading "
+                               "think block goes to reasoning_content, the rest to content "
+                               "(llama.cpp's flag)")
     verbose: bool = _k(False, "bool", "debug logging, and tracebacks for start-up errors")
 
 

@@ -1,5 +1,6 @@
 """``mpirun -np 2 llama-mpi-server`` behind the openai client: same greedy text (and the same
-JSON-schema-constrained text) as the single-process server, clean SIGTERM shutdown, and a failing rank ends the job promptly."""
+JSON-schema-constrained text) as the single-process server, clean SIGTERM shutdown, and a
+failing rank ends the job promptly."""
 
 from __future__ import annotations
 
