@@ -185,7 +185,9 @@ class Engine:
     def _check_stop(self, seq: Sequence, tid: int) -> tuple[str, str | None]:
         """Text to emit for the new token and the finish reason, if it ends the request."""
         p = seq.params
-        if (tid in self.tokenizer.eos_ids and not p.ignore_eos) or tid in p.stop_token_ids:
+        # under a grammar EOS is only allowed where the output is complete: it always ends
+        eos_ends = not p.ignore_eos or seq.matcher is not None
+        if (tid in self.tokenizer.eos_ids and eos_ends) or tid in p.stop_token_ids:
             return self._drain(seq, ""), "stop"  # the stop token itself is not text
         text, hit = seq.stop_checker.feed(seq.detokenizer.add(tid))
         if hit:

@@ -294,7 +294,9 @@ def test_named_tool_and_no_parallel_calls(http: httpx.Client) -> None:
     for seed in range(4):
         choice = chat(http, messages=CHAT, tools=TOOLS, seed=seed, max_tokens=MAX_TOKENS,
                       tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                      parallel_tool_calls=False)["choices"][0]
+                      parallel_tool_calls=False, ignore_eos=True)["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"  # the grammar ends it, ignore_eos or not
+        assert choice["message"]["content"] is None
         (call,) = choice["message"]["tool_calls"]
         assert call["function"]["name"] == "get_weather"
         check_call(call)
