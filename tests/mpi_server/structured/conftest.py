@@ -1,17 +1,14 @@
 """Vocabularies and a random-logits "model" for the structured-output tests.
 
-`tokenizer` is the real DeepSeek-V2 vocabulary (``../shared/data``) with DeepSeek's five
-tool-call markers put in five of its ``[PAD<n>]`` rows as CONTROL tokens, the way the V2.5/V3
-vocabularies carry them. Without the fixture file the built-in test vocabulary stands in
-(same markers), so these tests never skip; `small_tokenizer` is the built-in vocabulary
-without markers (markers then spelled as text).
+`tokenizer` is the real DeepSeek-V2 vocabulary (``tests/data``, kept in the repository) with
+DeepSeek's five tool-call markers put in five of its ``[PAD<n>]`` rows as CONTROL tokens, the
+way the V2.5/V3 vocabularies carry them; `small_tokenizer` is the built-in vocabulary without
+markers (markers then spelled as text).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,9 +22,9 @@ from llama_mpi.mpi_server.structured import (
     compiler_for,
 )
 from llama_mpi.mpi_server.structured.tool_calls import MARKERS
+from tests.fixtures import DEEPSEEK_VOCAB
 
-VOCAB = Path(__file__).resolve().parents[3].parent / "shared" / "data" / (
-    "ggml-vocab-deepseek-llm.gguf")
+VOCAB = DEEPSEEK_VOCAB
 
 
 def with_markers(fields: dict[str, object]) -> dict[str, object]:
@@ -42,14 +39,7 @@ def with_markers(fields: dict[str, object]) -> dict[str, object]:
 
 @pytest.fixture(scope="session")
 def tokenizer() -> Tokenizer:
-    if VOCAB.exists():
-        fields = read_tokenizer_fields(VOCAB)
-        source = str(VOCAB)
-    else:
-        warnings.warn(f"{VOCAB} not found: structured-output tests use the built-in vocabulary",
-                      stacklevel=1)
-        fields, source = builtin_vocab(4096, n_merges=400), "<builtin>"
-    return Tokenizer.from_metadata(with_markers(fields), source)
+    return Tokenizer.from_metadata(with_markers(read_tokenizer_fields(VOCAB)), str(VOCAB))
 
 
 @pytest.fixture(scope="session")
