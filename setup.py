@@ -7,14 +7,14 @@ subpackages of one import package, `llama_mpi`, so nothing generic lands in site
 from setuptools import setup
 
 SUBPACKAGES = ["models", "moe", "parallel", "mpi_server"]
+NESTED = ["models.gguf", "mpi_server.structured"]  # folders inside them, each its own package
 
 setup(
     name="llama-mpi",
     version="0.1.0",
     description="DeepSeek-V2 MoE serving from GGUF with expert and tensor parallelism over MPI",
     python_requires=">=3.10",
-    packages=["llama_mpi"] + [f"llama_mpi.{p}" for p in SUBPACKAGES]
-    + ["llama_mpi.mpi_server.structured", "llama_mpi.configs"],
+    packages=["llama_mpi", "llama_mpi.configs"] + [f"llama_mpi.{p}" for p in SUBPACKAGES + NESTED],
     package_dir={"llama_mpi": "llama_mpi", **{f"llama_mpi.{p}": p for p in SUBPACKAGES},
                  "llama_mpi.configs": "configs"},
     package_data={"llama_mpi.configs": ["*.yaml"], "llama_mpi.models": ["*.c", "*.h"]},
@@ -49,7 +49,7 @@ setup(
     entry_points={
         "console_scripts": [
             "llama-mpi-generate=llama_mpi.models.generate:main",
-            "llama-mpi-build-model=llama_mpi.models.builder:main",
+            "llama-mpi-build-model=llama_mpi.models.gguf.builder:main",
             "llama-server=llama_mpi.mpi_server.cli:main",
             "llama-mpi-server=llama_mpi.mpi_server.mpi_cli:main",
         ]

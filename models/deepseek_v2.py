@@ -21,7 +21,7 @@ from llama_mpi.models.fast_linear import embedding, linear
 from llama_mpi.models.forward_batch import ForwardBatch
 from llama_mpi.models.fused_decode import MAX_ROWS as MAX_FUSED_ROWS
 from llama_mpi.models.fused_decode import FusedDecoder
-from llama_mpi.models.gguf_file import GGUFFile
+from llama_mpi.models.gguf.gguf_file import GGUFFile
 from llama_mpi.models.kv_cache import LatentKVPool
 from llama_mpi.models.layers import SwiGLU, rms_norm
 from llama_mpi.models.quant_backend import choose_backend

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-mla", action="store_true", help="naive MLA instead of absorbed")
     ap.add_argument("--ignore-eos", action="store_true")
     args = ap.parse_args(argv)
-    from llama_mpi.models.gguf_file import GGUFError
+    from llama_mpi.models.gguf.gguf_file import GGUFError
     from llama_mpi.models.loader import load_model
     from llama_mpi.models.tokenizer import Tokenizer
 

@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as QT
 
 from llama_mpi.models.config import ModelConfig, config_from_metadata
 from llama_mpi.models.deepseek_v2 import DeepseekV2, RuntimeOptions
-from llama_mpi.models.gguf_file import GGUFFile
+from llama_mpi.models.gguf.gguf_file import GGUFFile
 from llama_mpi.models.host_allocator import keep_freed_memory
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 
 from llama_mpi.models.config import ModelConfig
-from llama_mpi.models.gguf_file import GGUFFile, TensorInfo
+from llama_mpi.models.gguf.gguf_file import GGUFFile, TensorInfo
 from llama_mpi.models.memory_budget import MemoryEstimate
 from llama_mpi.models.quant_weight import KEPT_TYPES
 from llama_mpi.models.weight_loader import NATIVE_DTYPES

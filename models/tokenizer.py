@@ -16,6 +16,8 @@ from os import PathLike
 from tokenizers import AddedToken, decoders, models
 from tokenizers import Tokenizer as HFTokenizer
 
+from llama_mpi.models.gguf.gguf_file import read_metadata
+
 from .detokenizer import (
     TOKEN_CONTROL,
     TOKEN_NORMAL,
@@ -23,7 +25,6 @@ from .detokenizer import (
     TOKEN_USER_DEFINED,
     build_piece_tables,
 )
-from .gguf_file import read_metadata
 from .pretokenizers import build_pre_tokenizer
 
 _SURROGATES = re.compile("[\ud800-\udfff]")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from llama_mpi.models.config import ModelConfig
-from llama_mpi.models.gguf_file import GGUFFile
+from llama_mpi.models.gguf.gguf_file import GGUFFile
 from llama_mpi.models.layers import SwiGLU
 from llama_mpi.models.shard import Shard
 from llama_mpi.models.weight_loader import WeightPolicy

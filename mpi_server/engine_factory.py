@@ -46,7 +46,7 @@ def layer_devices(config: ServerConfig) -> list[torch.device] | None:
         n_dev = device_count(dev_type)
     if n_dev == 1 and dev_type == "cpu":
         return None
-    from llama_mpi.models.gguf_file import GGUFFile
+    from llama_mpi.models.gguf.gguf_file import GGUFFile
 
     n_layers = int(GGUFFile(config.model).metadata.get("deepseek2.block_count", 0))
     plan = plan_layers(n_layers, dev_type, n_dev, split_mode=config.split_mode,
@@ -90,7 +90,7 @@ def ensure_builtin_model(config: ServerConfig) -> None:
     """The quick start's built-in model is built on first use (a few seconds)."""
     from pathlib import Path
 
-    from llama_mpi.models.builder import default_model_path, ensure_model
+    from llama_mpi.models.gguf.builder import default_model_path, ensure_model
 
     if Path(config.model) == default_model_path() and not Path(config.model).is_file():
         log.info("building the built-in model at %s", config.model)

@@ -208,7 +208,7 @@ def bench_single(args) -> dict:
     cfg = make_config(args)
     layer_devices = None
     if args.layer_split and args.layer_split > 1:
-        from llama_mpi.models.gguf_file import GGUFFile
+        from llama_mpi.models.gguf.gguf_file import GGUFFile
         from llama_mpi.parallel.layer_split import plan_layers
 
         n_layers = int(GGUFFile(cfg.model).metadata.get("deepseek2.block_count", 0))

@@ -50,8 +50,8 @@ def main() -> int:
 
     import torch
 
-    from llama_mpi.models.builtin_vocab import builtin_vocab
-    from llama_mpi.models.hf_to_gguf import convert
+    from llama_mpi.models.gguf.builtin_vocab import builtin_vocab
+    from llama_mpi.models.gguf.hf_to_gguf import convert
     from llama_mpi.models.loader import load_model
     from tests.models.conftest import SEQS, batch_for, num_blocks
     from tests.models.hf_reference import hf_logits, hf_model, load_dequantized

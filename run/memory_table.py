@@ -19,12 +19,12 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
 import torch  # noqa: E402
 
-from llama_mpi.models.builder import V2_LITE  # noqa: E402
-from llama_mpi.models.gguf_file import TensorInfo  # noqa: E402
-from llama_mpi.models.hf_to_gguf import _plan  # noqa: E402
+from llama_mpi.models.gguf.builder import V2_LITE  # noqa: E402
+from llama_mpi.models.gguf.gguf_file import TensorInfo  # noqa: E402
+from llama_mpi.models.gguf.hf_to_gguf import _plan  # noqa: E402
+from llama_mpi.models.gguf.quant_plan import plan_types  # noqa: E402
+from llama_mpi.models.gguf.random_weights import hf_weight_specs  # noqa: E402
 from llama_mpi.models.memory_plan import shard_weight_bytes  # noqa: E402
-from llama_mpi.models.quant_plan import plan_types  # noqa: E402
-from llama_mpi.models.random_weights import hf_weight_specs  # noqa: E402
 
 V2_236B = {**V2_LITE, "hidden_size": 5120, "num_hidden_layers": 60, "intermediate_size": 12288,
            "moe_intermediate_size": 1536, "num_attention_heads": 128, "num_key_value_heads": 128,

@@ -28,7 +28,7 @@ OUT="${OUT:-/tmp/bench/serve-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 PY="$ROOT/.venv/bin/python"
 CTX=$((SLOTS * 2048))
-LAYERS=$("$PY" -c "import sys; from llama_mpi.models.gguf_file import read_metadata as r; \
+LAYERS=$("$PY" -c "import sys; from llama_mpi.models.gguf.gguf_file import read_metadata as r; \
 print(r(sys.argv[1])['deepseek2.block_count'])" "$MODEL")
 QLORA=()
 [ "$LAYERS" = 26 ] || [ "$LAYERS" = 27 ] || \

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llama_mpi.models.forward_batch import ForwardBatch
-from llama_mpi.models.hf_to_gguf import convert
+from llama_mpi.models.gguf.hf_to_gguf import convert
 from tests.fixtures import DEEPSEEK_VOCAB
 
 from .hf_reference import hf_model

@@ -7,10 +7,10 @@ import gguf
 import pytest
 import torch
 
-from llama_mpi.models.builder import build_model, main, preset_config
-from llama_mpi.models.builtin_vocab import CHAT_TEMPLATE, builtin_vocab, vocab_from_gguf
-from llama_mpi.models.quant_plan import plan_types
-from llama_mpi.models.random_weights import random_weights
+from llama_mpi.models.gguf.builder import build_model, main, preset_config
+from llama_mpi.models.gguf.builtin_vocab import CHAT_TEMPLATE, builtin_vocab, vocab_from_gguf
+from llama_mpi.models.gguf.quant_plan import plan_types
+from llama_mpi.models.gguf.random_weights import random_weights
 from tests.fixtures import DEEPSEEK_VOCAB
 
 QT, VT = gguf.GGMLQuantizationType, gguf.GGUFValueType

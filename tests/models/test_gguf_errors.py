@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 
-from llama_mpi.models.gguf_file import GGUFError
+from llama_mpi.models.gguf.gguf_file import GGUFError
 from llama_mpi.models.loader import load_model
 
 QT = gguf.GGMLQuantizationType

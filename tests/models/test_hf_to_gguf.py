@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from llama_mpi.models.hf_to_gguf import convert
-from llama_mpi.models.random_weights import random_weights
+from llama_mpi.models.gguf.hf_to_gguf import convert
+from llama_mpi.models.gguf.random_weights import random_weights
 
 transformers = pytest.importorskip("transformers", reason="HF reference model needs transformers")
 

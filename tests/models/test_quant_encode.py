@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 import pytest
 
-from llama_mpi.models.quant_encode import quantize
+from llama_mpi.models.gguf.quant_encode import quantize
 
 QT = gguf.GGMLQuantizationType
 K_QUANTS = [QT.Q4_K, QT.Q5_K, QT.Q6_K]

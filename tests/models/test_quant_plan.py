@@ -22,10 +22,10 @@ from collections import Counter
 import gguf
 import pytest
 
-from llama_mpi.models.builder import preset_config
-from llama_mpi.models.hf_to_gguf import _plan
-from llama_mpi.models.quant_plan import plan_types, use_more_bits
-from llama_mpi.models.random_weights import hf_weight_specs
+from llama_mpi.models.gguf.builder import preset_config
+from llama_mpi.models.gguf.hf_to_gguf import _plan
+from llama_mpi.models.gguf.quant_plan import plan_types, use_more_bits
+from llama_mpi.models.gguf.random_weights import hf_weight_specs
 
 QT = gguf.GGMLQuantizationType
 N_LAYER = 27

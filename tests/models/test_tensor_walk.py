@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from llama_mpi.models.builder import build_model
+from llama_mpi.models.gguf.builder import build_model
 from llama_mpi.models.loader import load_model
 from llama_mpi.models.tensor_walk import check_finite, iter_weights
 

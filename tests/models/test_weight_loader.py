@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llama_mpi.models import quant_kernels
-from llama_mpi.models.gguf_file import GGUFError, GGUFFile
+from llama_mpi.models.gguf.gguf_file import GGUFError, GGUFFile
 from llama_mpi.models.quant_backend import TorchBackend
 from llama_mpi.models.quant_weight import QuantWeight
 from llama_mpi.models.shard import Shard

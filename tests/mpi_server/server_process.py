@@ -35,7 +35,7 @@ DEFAULT_ARGS = ("-np", "4", "-c", "4096")
 
 def build_tiny_model(directory: Path, seed: int = 1) -> Path:
     """The tiny random DeepSeek-V2 (byte-level 1024-token vocab), f32, in ``directory``."""
-    from llama_mpi.models.builder import build_model
+    from llama_mpi.models.gguf.builder import build_model
 
     return Path(build_model(directory / "tiny-f32.gguf", preset="tiny", ftype="f32", seed=seed))
 

@@ -20,7 +20,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    from llama_mpi.models.builder import build_model
+    from llama_mpi.models.gguf.builder import build_model
 
     return build_model(tmp_path_factory.mktemp("mem") / "tiny-q8_0.gguf", preset="tiny",
                        ftype="q8_0")

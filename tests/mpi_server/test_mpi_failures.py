@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llama_mpi.models.builder import build_model
+from llama_mpi.models.gguf.builder import build_model
 from tests.models.test_tensor_walk import plant_nan
 from tests.mpi_server.server_process import free_port
 from tests.mpi_server.test_mpi_server import BIN, CONFIG, start, wait_ready

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from llama_mpi.models.builder import build_model
+from llama_mpi.models.gguf.builder import build_model
 from tests.mpi_server.server_process import free_port
 
 BIN = Path(sys.executable).parent

@@ -26,7 +26,7 @@ def test_split_mode_none_uses_main_gpu_only():
 
 
 def test_layer_split_over_two_cpu_devices_equals_single_device(tmp_path):
-    from llama_mpi.models.builder import build_model
+    from llama_mpi.models.gguf.builder import build_model
 
     path = build_model(tmp_path / "tiny.gguf", preset="tiny", ftype="f32", seed=3)
     plan = plan_layers(4, "cpu", 2, tensor_split=[1, 3])

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from llama_mpi.models.hf_to_gguf import convert
+from llama_mpi.models.gguf.hf_to_gguf import convert
 from tests.models.conftest import SEQS
 from tests.models.hf_reference import hf_logits, hf_model, load_dequantized
 
