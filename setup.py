@@ -7,7 +7,8 @@ subpackages of one import package, `llama_mpi`, so nothing generic lands in site
 from setuptools import setup
 
 SUBPACKAGES = ["models", "moe", "parallel", "mpi_server"]
-NESTED = ["models.gguf", "mpi_server.structured"]  # folders inside them, each its own package
+# the folders inside them, each its own package
+NESTED = ["models.gguf", "models.tokenizer", "mpi_server.structured"]
 
 setup(
     name="llama-mpi",

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from llama_mpi.models.gguf.gguf_file import GGUFError
     from llama_mpi.models.loader import load_model
-    from llama_mpi.models.tokenizer import Tokenizer
+    from llama_mpi.models.tokenizer.tokenizer import Tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ from llama_mpi.mpi_server.scheduler import ScheduledSeq, Scheduler
 from llama_mpi.mpi_server.sequence import Detokenizer, Sequence
 
 if TYPE_CHECKING:
-    from llama_mpi.models.tokenizer import Tokenizer
+    from llama_mpi.models.tokenizer.tokenizer import Tokenizer
     from llama_mpi.mpi_server.sampler import Sampler
 
 
@@ -72,7 +72,7 @@ class Engine:
             sampler = Sampler(executor.vocab_size, presample_count=config.presample_count)
         self.sampler = sampler
         if detokenizer_factory is None:
-            from llama_mpi.models.detokenizer import IncrementalDetokenizer
+            from llama_mpi.models.tokenizer.detokenizer import IncrementalDetokenizer
 
             def detokenizer_factory(p: SamplingParams) -> Detokenizer:
                 return IncrementalDetokenizer(tokenizer, skip_special_tokens=p.skip_special_tokens)

@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from llama_mpi.models.chat_template import ChatTemplate, encode_chat
 from llama_mpi.models.loader import load_model
 from llama_mpi.models.tensor_walk import check_finite
-from llama_mpi.models.tokenizer import Tokenizer
+from llama_mpi.models.tokenizer.chat_template import ChatTemplate, encode_chat
+from llama_mpi.models.tokenizer.tokenizer import Tokenizer
 from llama_mpi.mpi_server.async_engine import AsyncEngine
 from llama_mpi.mpi_server.config import ServerConfig
 from llama_mpi.mpi_server.engine import Engine, EngineConfig

@@ -148,7 +148,7 @@ def vocab_from_gguf(path: str | os.PathLike, *, default_chat_template: str | Non
     Vocab-only files from llama.cpp carry no chat template; `default_chat_template` fills it in
     (pass None to copy the file exactly).
     """
-    from llama_mpi.models.tokenizer import read_tokenizer_fields
+    from llama_mpi.models.tokenizer.tokenizer import read_tokenizer_fields
 
     fields = read_tokenizer_fields(path)
     if default_chat_template is not None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from llama_mpi.models import chat_template
+from llama_mpi.models.tokenizer import chat_template
 from llama_mpi.mpi_server.http import openai_format as fmt
 from llama_mpi.mpi_server.http import serving
 from llama_mpi.mpi_server.http import structured as so

@@ -102,7 +102,7 @@ class ServerState:
     def grammar_compiler(self) -> Any:
         """The model's grammar compiler; 400 if this vocabulary cannot take constraints."""
         if self.compiler is None:
-            from llama_mpi.models.tokenizer import Tokenizer
+            from llama_mpi.models.tokenizer.tokenizer import Tokenizer
 
             if isinstance(self.tokenizer, Tokenizer):
                 from llama_mpi.mpi_server.structured import compiler_for

@@ -21,7 +21,7 @@ from typing import Any
 import llguidance
 from llguidance.gbnf_to_lark import gbnf_to_lark
 
-from llama_mpi.models.tokenizer import Tokenizer
+from llama_mpi.models.tokenizer.tokenizer import Tokenizer
 
 from .errors import ConstraintError
 from .matcher import GrammarMatcher

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import llguidance
 
-from llama_mpi.models.detokenizer import TOKEN_NORMAL, TOKEN_USER_DEFINED
-from llama_mpi.models.tokenizer import Tokenizer
+from llama_mpi.models.tokenizer.detokenizer import TOKEN_NORMAL, TOKEN_USER_DEFINED
+from llama_mpi.models.tokenizer.tokenizer import Tokenizer
 
 _PLACEHOLDER = re.compile(r"\[PAD\d+\]")
 

@@ -22,7 +22,7 @@ MISSING_VOCAB = ("needs tests/data/ggml-vocab-deepseek-llm.gguf (llama.cpp's tes
 @pytest.fixture(scope="module")
 def real():
     """The real DeepSeek-V2 vocabulary (a read-only fixture beside the repository)."""
-    from llama_mpi.models.tokenizer import Tokenizer
+    from llama_mpi.models.tokenizer.tokenizer import Tokenizer
 
     if not VOCAB.exists():
         pytest.skip(MISSING_VOCAB)

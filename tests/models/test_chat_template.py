@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from llama_mpi.models import chat_template as ct
-from llama_mpi.models.chat_template import (
+from llama_mpi.models.tokenizer import chat_template as ct
+from llama_mpi.models.tokenizer.chat_template import (
     BUILTIN_TEMPLATES,
     ChatTemplate,
     encode_chat,
 )
-from llama_mpi.models.tokenizer import Tokenizer
+from llama_mpi.models.tokenizer.tokenizer import Tokenizer
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 CHAT = [

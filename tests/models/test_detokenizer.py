@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llama_mpi.models.detokenizer import IncrementalDetokenizer
-from llama_mpi.models.tokenizer import Tokenizer
+from llama_mpi.models.tokenizer.detokenizer import IncrementalDetokenizer
+from llama_mpi.models.tokenizer.tokenizer import Tokenizer
 
 AWKWARD = list("😶‍🌫️🦙🚀你好세계ё\u0301\u0308\x00\x1b\r\n\t 　～ø\ud800\udfff")
 TEXT = st.text(

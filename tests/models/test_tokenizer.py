@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llama_mpi.models.tokenizer import Tokenizer, read_tokenizer_fields
+from llama_mpi.models.tokenizer.tokenizer import Tokenizer, read_tokenizer_fields
 from tests.fixtures import DEEPSEEK_VOCAB
 
 VOCAB = DEEPSEEK_VOCAB  # kept in the repository: tests/data/README.md

@@ -335,7 +335,7 @@ def test_async_shutdown_drains_then_aborts() -> None:
 
 def test_with_the_real_sampler_tokenizer_and_detokenizer() -> None:
     from llama_mpi.models.gguf.builtin_vocab import builtin_vocab
-    from llama_mpi.models.tokenizer import Tokenizer
+    from llama_mpi.models.tokenizer.tokenizer import Tokenizer
     from llama_mpi.mpi_server.engine import Engine, EngineConfig
 
     tok = Tokenizer.from_metadata(builtin_vocab(vocab_size=512, n_merges=200))

@@ -552,7 +552,7 @@ def test_draining_and_loading_health() -> None:
 
 
 def test_chat_template_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    from llama_mpi.models import chat_template
+    from llama_mpi.models.tokenizer import chat_template
 
     render_error = getattr(chat_template, "ChatTemplateRenderError", None)
     if render_error is None:  # not there yet: check the mapping with a stand-in

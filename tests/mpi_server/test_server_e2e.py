@@ -74,7 +74,7 @@ class Offline:
 @pytest.fixture(scope="module")
 def offline(model_path: Path) -> Offline:
     from llama_mpi.models.loader import load_model
-    from llama_mpi.models.tokenizer import Tokenizer
+    from llama_mpi.models.tokenizer.tokenizer import Tokenizer
 
     return Offline(load_model(str(model_path)), Tokenizer.from_gguf(str(model_path)))
 

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from llama_mpi.models.detokenizer import TOKEN_CONTROL
 from llama_mpi.models.gguf.builtin_vocab import builtin_vocab
-from llama_mpi.models.tokenizer import Tokenizer, read_tokenizer_fields
+from llama_mpi.models.tokenizer.detokenizer import TOKEN_CONTROL
+from llama_mpi.models.tokenizer.tokenizer import Tokenizer, read_tokenizer_fields
 from llama_mpi.mpi_server.structured import (
     GrammarMatcher,
     apply_grammar_masks,

@@ -1,0 +1,1 @@
+"""The tokenizer family: GGUF vocabularies, detokenizer, pre-tokenizers and chat templates."""
