@@ -8,7 +8,7 @@ from setuptools import setup
 
 SUBPACKAGES = ["models", "moe", "parallel", "mpi_server"]
 # the folders inside them, each its own package
-NESTED = ["models.gguf", "models.tokenizer", "mpi_server.structured"]
+NESTED = ["models.gguf", "models.tokenizer", "models.kernels", "mpi_server.structured"]
 
 setup(
     name="llama-mpi",
@@ -18,7 +18,7 @@ setup(
     packages=["llama_mpi", "llama_mpi.configs"] + [f"llama_mpi.{p}" for p in SUBPACKAGES + NESTED],
     package_dir={"llama_mpi": "llama_mpi", **{f"llama_mpi.{p}": p for p in SUBPACKAGES},
                  "llama_mpi.configs": "configs"},
-    package_data={"llama_mpi.configs": ["*.yaml"], "llama_mpi.models": ["*.c", "*.h"]},
+    package_data={"llama_mpi.configs": ["*.yaml"], "llama_mpi.models.kernels": ["*.c", "*.h"]},
     install_requires=[
         "torch>=2.3",  # install torch==2.13.0 first (README): an unpinned torch pulls CUDA
         "numpy",

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from llama_mpi.models.config import ModelConfig
-from llama_mpi.models.fast_linear import batched_linear, linear
 from llama_mpi.models.forward_batch import ForwardBatch
 from llama_mpi.models.gguf.gguf_file import GGUFFile
+from llama_mpi.models.kernels.fast_linear import batched_linear, linear
 from llama_mpi.models.kv_cache import LatentKVPool
 from llama_mpi.models.latent_attention import RowContexts, available, latent_attention
 from llama_mpi.models.layers import rms_norm

@@ -17,14 +17,14 @@ import torch
 
 from llama_mpi.models.attention import MLAttention
 from llama_mpi.models.config import ModelConfig
-from llama_mpi.models.fast_linear import embedding, linear
 from llama_mpi.models.forward_batch import ForwardBatch
 from llama_mpi.models.fused_decode import MAX_ROWS as MAX_FUSED_ROWS
 from llama_mpi.models.fused_decode import FusedDecoder
 from llama_mpi.models.gguf.gguf_file import GGUFFile
+from llama_mpi.models.kernels.fast_linear import embedding, linear
+from llama_mpi.models.kernels.quant_backend import choose_backend
 from llama_mpi.models.kv_cache import LatentKVPool
 from llama_mpi.models.layers import SwiGLU, rms_norm
-from llama_mpi.models.quant_backend import choose_backend
 from llama_mpi.models.quant_weight import QuantWeight
 from llama_mpi.models.rope import RotaryEmbedding
 from llama_mpi.models.shard import Shard

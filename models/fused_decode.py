@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llama_mpi.models.cpu_kernels import kernel
 from llama_mpi.models.forward_batch import ForwardBatch
+from llama_mpi.models.kernels.cpu_kernels import kernel
+from llama_mpi.models.kernels.quant_backend import NativeCPUBackend
 from llama_mpi.models.kv_cache import LatentKVPool
 from llama_mpi.models.layers import SwiGLU
-from llama_mpi.models.quant_backend import NativeCPUBackend
 from llama_mpi.models.quant_weight import QuantWeight
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llama_mpi.models.cpu_kernels import kernel
+from llama_mpi.models.kernels.cpu_kernels import kernel
 
 
 @dataclass

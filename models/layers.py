@@ -7,9 +7,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from llama_mpi.models.cpu_kernels import kernel
-from llama_mpi.models.fast_linear import linear
 from llama_mpi.models.gguf.gguf_file import GGUFFile
+from llama_mpi.models.kernels.cpu_kernels import kernel
+from llama_mpi.models.kernels.fast_linear import linear
 from llama_mpi.models.weight_loader import Weight, WeightPolicy, load_weight, stack_rows
 
 

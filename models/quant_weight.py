@@ -16,7 +16,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from llama_mpi.models.quant_backend import QuantBackend
+from llama_mpi.models.kernels.quant_backend import QuantBackend
 
 # the types computed on directly; any other type is dequantized at load (log line per tensor)
 KEPT_TYPES = frozenset({QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K})

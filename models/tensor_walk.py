@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from llama_mpi.models.quant_torch import dequantize
+from llama_mpi.models.kernels.quant_torch import dequantize
 from llama_mpi.models.quant_weight import QuantWeight
 
 Weight = torch.Tensor | QuantWeight

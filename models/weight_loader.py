@@ -18,7 +18,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from llama_mpi.models.gguf.gguf_file import GGUFFile
-from llama_mpi.models.quant_backend import QuantBackend
+from llama_mpi.models.kernels.quant_backend import QuantBackend
 from llama_mpi.models.quant_weight import KEPT_TYPES, QuantPart, QuantWeight
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llama_mpi.models.cpu_kernels import kernel
+from llama_mpi.models.kernels.cpu_kernels import kernel
 
 
 def weighted_scatter_add(out: torch.Tensor, rows: torch.Tensor, y: torch.Tensor,

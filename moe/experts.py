@@ -12,8 +12,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from llama_mpi.models.fast_linear import grouped_matmul, linear
 from llama_mpi.models.gguf.gguf_file import GGUFFile
+from llama_mpi.models.kernels.fast_linear import grouped_matmul, linear
 from llama_mpi.models.layers import silu_mul
 from llama_mpi.models.weight_loader import Weight, WeightPolicy, load_weight, stack_rows
 from llama_mpi.moe.combine import weighted_scatter_add

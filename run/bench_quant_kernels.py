@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     import torch
     from gguf import GGMLQuantizationType as QT
 
-    from llama_mpi.models import fast_linear
-    from llama_mpi.models import quant_kernels as qk
+    from llama_mpi.models.kernels import fast_linear
+    from llama_mpi.models.kernels import quant_kernels as qk
 
     if not qk.available():
         print("quantized-weight kernels unavailable here", file=sys.stderr)

@@ -179,7 +179,7 @@ def _instrument(model, fused, cnt: Counters):
     own counters (and adds them to ``cnt`` when stopping)."""
     import numpy as np
 
-    from llama_mpi.models import cpu_kernels
+    from llama_mpi.models.kernels import cpu_kernels
 
     lib = cpu_kernels.kernel()
 

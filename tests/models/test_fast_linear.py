@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_mpi.models import fast_linear
+from llama_mpi.models.kernels import fast_linear
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import logging
 import pytest
 import torch
 
-from llama_mpi.models import quant_kernels
 from llama_mpi.models.forward_batch import ForwardBatch
 from llama_mpi.models.fused_decode import FusedDecoder
+from llama_mpi.models.kernels import quant_kernels
 from llama_mpi.models.loader import load_model
 
 from .conftest import SEQS

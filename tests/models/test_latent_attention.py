@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama_mpi.models.cpu_kernels import kernel
 from llama_mpi.models.forward_batch import ForwardBatch
+from llama_mpi.models.kernels.cpu_kernels import kernel
 from llama_mpi.models.latent_attention import RowContexts, latent_attention
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama_mpi.models import quant_kernels
-from llama_mpi.models.quant_backend import NativeCPUBackend, TorchBackend, choose_backend
+from llama_mpi.models.kernels import quant_kernels
+from llama_mpi.models.kernels.quant_backend import NativeCPUBackend, TorchBackend, choose_backend
 
 
 def test_auto_uses_the_kernels_where_they_build(monkeypatch):

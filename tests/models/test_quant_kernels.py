@@ -32,8 +32,8 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from llama_mpi.models import cpu_kernels
-from llama_mpi.models import quant_kernels as qk
+from llama_mpi.models.kernels import cpu_kernels
+from llama_mpi.models.kernels import quant_kernels as qk
 
 TYPES = sorted(qk.SUPPORTED)
 ASYM = {QT.Q5_1: (4, 24), QT.Q4_K: (16, 144), QT.Q5_K: (16, 176)}  # quant byte range

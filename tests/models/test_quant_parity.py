@@ -24,8 +24,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from llama_mpi.models import quant_kernels
 from llama_mpi.models.gguf.gguf_file import GGUFFile
+from llama_mpi.models.kernels import quant_kernels
 from llama_mpi.models.loader import load_model
 from llama_mpi.models.quant_weight import QuantWeight
 

@@ -13,8 +13,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from llama_mpi.models import quant_torch
-from llama_mpi.models.quant_torch import SUPPORTED, dequantize
+from llama_mpi.models.kernels import quant_torch
+from llama_mpi.models.kernels.quant_torch import SUPPORTED, dequantize
 
 QT = GGMLQuantizationType
 LEGACY = [QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q5_1]  # gguf-py can quantize these

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from llama_mpi.models import quant_kernels
 from llama_mpi.models.gguf.gguf_file import GGUFError, GGUFFile
-from llama_mpi.models.quant_backend import TorchBackend
+from llama_mpi.models.kernels import quant_kernels
+from llama_mpi.models.kernels.quant_backend import TorchBackend
 from llama_mpi.models.quant_weight import QuantWeight
 from llama_mpi.models.shard import Shard
 from llama_mpi.models.weight_loader import WeightPolicy, load_weight, stack_rows
@@ -139,7 +139,7 @@ def test_truncated_quantized_tensor_names_file_and_tensor(file, tmp_path):
 def test_native_backend_paths_match_the_dequantized_product(file, rows):
     """Up to 128 rows the kernels (exact on their int8 activations), beyond dequantized tiles
     (exact on the float activations): both against float64 on gguf-py's dequantized values."""
-    from llama_mpi.models.quant_backend import NativeCPUBackend
+    from llama_mpi.models.kernels.quant_backend import NativeCPUBackend
 
     gf, deq = file
     a = load_weight(gf, "a.weight", WeightPolicy(torch.float32, NativeCPUBackend()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama_mpi.models.cpu_kernels import kernel
+from llama_mpi.models.kernels.cpu_kernels import kernel
 from llama_mpi.moe.combine import weighted_scatter_add
 
 

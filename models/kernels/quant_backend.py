@@ -70,7 +70,7 @@ class TorchBackend(QuantBackend):
     name = "torch-dequant"
 
     def dequantize_part(self, part: QuantPart, K: int, dtype: torch.dtype) -> torch.Tensor:
-        from llama_mpi.models.quant_torch import dequantize
+        from llama_mpi.models.kernels.quant_torch import dequantize
 
         return dequantize(part.raw, part.qtype, K, dtype)
 
@@ -86,7 +86,7 @@ class NativeCPUBackend(QuantBackend):
     CHUNKED_MAX_ROWS = 128
 
     def dequantize_part(self, part: QuantPart, K: int, dtype: torch.dtype) -> torch.Tensor:
-        from llama_mpi.models import quant_kernels as qk
+        from llama_mpi.models.kernels import quant_kernels as qk
 
         raw = part.raw
         flat = raw.reshape(-1, raw.shape[-1]) if raw.dim() != 2 else raw
@@ -95,7 +95,7 @@ class NativeCPUBackend(QuantBackend):
         return out.to(dtype)  # float16 compute: through float32
 
     def matmul(self, w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
-        from llama_mpi.models import quant_kernels as qk
+        from llama_mpi.models.kernels import quant_kernels as qk
 
         if x.shape[0] > self.CHUNKED_MAX_ROWS or x.dtype not in (torch.bfloat16, torch.float32):
             return self.tiled_matmul(w, x)
@@ -111,7 +111,7 @@ class NativeCPUBackend(QuantBackend):
 
     def grouped(self, w: QuantWeight, x: torch.Tensor, idx: list[int], counts: list[int]
                 ) -> torch.Tensor | None:
-        from llama_mpi.models import quant_kernels as qk
+        from llama_mpi.models.kernels import quant_kernels as qk
 
         if max(counts, default=0) > self.MAX_ROWS or x.dtype not in (torch.bfloat16,
                                                                      torch.float32):
@@ -126,7 +126,7 @@ class NativeCPUBackend(QuantBackend):
         return out
 
     def rows(self, w: QuantWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        from llama_mpi.models import quant_kernels as qk
+        from llama_mpi.models.kernels import quant_kernels as qk
 
         (part,) = w.parts
         return qk.dequantize_rows(part.qtype, part.raw, w.K, rows=ids, dtype=dtype)
@@ -148,7 +148,7 @@ def choose_backend(kind: str, device: torch.device) -> QuantBackend | None:
         return TorchBackend()
     native = False
     if device.type == "cpu":
-        from llama_mpi.models import quant_kernels as qk
+        from llama_mpi.models.kernels import quant_kernels as qk
 
         native = qk.available()
     if kind == "native" and not native:

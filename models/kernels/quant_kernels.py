@@ -20,7 +20,7 @@ from itertools import accumulate
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from llama_mpi.models.cpu_kernels import kernel
+from llama_mpi.models.kernels.cpu_kernels import kernel
 
 QT = GGMLQuantizationType
 SUPPORTED: frozenset[GGMLQuantizationType] = frozenset(

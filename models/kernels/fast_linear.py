@@ -14,7 +14,7 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from llama_mpi.models.cpu_kernels import kernel
+from llama_mpi.models.kernels.cpu_kernels import kernel
 from llama_mpi.models.quant_weight import QuantWeight
 
 MAX_ROWS = 16  # the kernel's limit; it outpaces torch at every row count up to here (measured)
