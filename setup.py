@@ -8,7 +8,8 @@ from setuptools import setup
 
 SUBPACKAGES = ["models", "moe", "parallel", "mpi_server"]
 # the folders inside them, each its own package
-NESTED = ["models.gguf", "models.tokenizer", "models.kernels", "mpi_server.structured"]
+NESTED = ["models.gguf", "models.tokenizer", "models.kernels", "mpi_server.engine",
+          "mpi_server.http", "mpi_server.structured"]
 
 setup(
     name="llama-mpi",

@@ -16,11 +16,11 @@ from llama_mpi.models.loader import load_model
 from llama_mpi.models.tensor_walk import check_finite
 from llama_mpi.models.tokenizer.chat_template import ChatTemplate, encode_chat
 from llama_mpi.models.tokenizer.tokenizer import Tokenizer
-from llama_mpi.mpi_server.async_engine import AsyncEngine
 from llama_mpi.mpi_server.config import ServerConfig
-from llama_mpi.mpi_server.engine import Engine, EngineConfig
-from llama_mpi.mpi_server.executor import ModelExecutor
-from llama_mpi.mpi_server.local_executor import LocalExecutor
+from llama_mpi.mpi_server.engine.async_engine import AsyncEngine
+from llama_mpi.mpi_server.engine.engine import Engine, EngineConfig
+from llama_mpi.mpi_server.engine.executor import ModelExecutor
+from llama_mpi.mpi_server.engine.local_executor import LocalExecutor
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from llama_mpi.models.shard import Shard
 from llama_mpi.models.tensor_walk import check_finite
 from llama_mpi.moe.ep_dispatchers import make_dispatcher
 from llama_mpi.mpi_server.config import ServerConfig
-from llama_mpi.mpi_server.local_executor import LocalExecutor
+from llama_mpi.mpi_server.engine.local_executor import LocalExecutor
 from llama_mpi.parallel.bootstrap import ParallelContext
 from llama_mpi.parallel.heartbeat import Heartbeat
 from llama_mpi.parallel.step_channel import StepChannel

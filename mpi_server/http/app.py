@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from llama_mpi.mpi_server.engine_api import AsyncEngineAPI
+from llama_mpi.mpi_server.engine.engine_api import AsyncEngineAPI
 from llama_mpi.mpi_server.http import lightllm_routes, llamacpp_routes, openai_routes
 from llama_mpi.mpi_server.http.auth import AuthMiddleware
 from llama_mpi.mpi_server.http.errors import CatchAllMiddleware, install_error_handlers

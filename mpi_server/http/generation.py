@@ -14,11 +14,11 @@ from typing import Any, TypeVar
 import anyio
 from starlette.requests import Request
 
-from llama_mpi.mpi_server.engine_api import AsyncEngineAPI, EngineDeadError, EngineFullError
+from llama_mpi.mpi_server.engine.engine_api import AsyncEngineAPI, EngineDeadError, EngineFullError
+from llama_mpi.mpi_server.engine.outputs import RequestOutput, TokenLogprob
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
 from llama_mpi.mpi_server.http.errors import APIError, from_value_error
 from llama_mpi.mpi_server.http.metrics import Metrics
-from llama_mpi.mpi_server.outputs import RequestOutput, TokenLogprob
-from llama_mpi.mpi_server.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

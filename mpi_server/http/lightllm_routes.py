@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
 from llama_mpi.mpi_server.http import serving
 from llama_mpi.mpi_server.http.errors import APIError
 from llama_mpi.mpi_server.http.generation import Generation
@@ -16,7 +17,6 @@ from llama_mpi.mpi_server.http.protocol import FiniteFloat, Text, _Request
 from llama_mpi.mpi_server.http.sampling import build_params
 from llama_mpi.mpi_server.http.sse import EventStream, sse
 from llama_mpi.mpi_server.http.state import ServerState, get_state
-from llama_mpi.mpi_server.sampling_params import SamplingParams
 
 router = APIRouter()
 

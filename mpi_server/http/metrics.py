@@ -11,8 +11,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llama_mpi.mpi_server.engine_api import AsyncEngineAPI
-from llama_mpi.mpi_server.outputs import RequestOutput
+from llama_mpi.mpi_server.engine.engine_api import AsyncEngineAPI
+from llama_mpi.mpi_server.engine.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import time
 import uuid
 from typing import Any
 
+from llama_mpi.mpi_server.engine.outputs import TokenLogprob
 from llama_mpi.mpi_server.http.generation import Choice
-from llama_mpi.mpi_server.outputs import TokenLogprob
 
 
 def new_id(prefix: str) -> str:

@@ -7,8 +7,8 @@ import math
 import re
 from typing import Any
 
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
 from llama_mpi.mpi_server.http.errors import bad_request, from_value_error
-from llama_mpi.mpi_server.sampling_params import SamplingParams
 
 # Request field -> SamplingParams field, for the ones that copy across unchanged.
 _DIRECT = (

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from llama_mpi.mpi_server.engine_api import AsyncEngineAPI
+from llama_mpi.mpi_server.engine.engine_api import AsyncEngineAPI
 from llama_mpi.mpi_server.http.errors import APIError, printable
 from llama_mpi.mpi_server.http.limits import auto_body_limit
 from llama_mpi.mpi_server.http.metrics import Metrics

@@ -6,15 +6,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from llama_mpi.mpi_server.engine_api import (
+from llama_mpi.mpi_server.engine.engine_api import (
     AsyncEngineAPI,
     EngineDeadError,
     EngineFullError,
     EngineStats,
     SlotInfo,
 )
-from llama_mpi.mpi_server.outputs import RequestOutput, TokenLogprob
-from llama_mpi.mpi_server.sampling_params import SamplingParams
+from llama_mpi.mpi_server.engine.outputs import RequestOutput, TokenLogprob
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
 
 BOS, EOS, OFFSET = 1, 2, 3  # token id = byte + OFFSET
 VOCAB = 256 + OFFSET

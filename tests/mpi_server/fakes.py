@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from llama_mpi.models.forward_batch import ForwardBatch
-from llama_mpi.mpi_server.executor import ModelExecutor
-from llama_mpi.mpi_server.sampling_params import SamplingParams
+from llama_mpi.mpi_server.engine.executor import ModelExecutor
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
 
 
 def context_seed(tokens: list[int]) -> int:
@@ -195,7 +195,7 @@ class FakeSampler:
 
 def make_engine(executor: FakeExecutor | None = None, **config):
     """An ``Engine`` over the fakes; ``config`` goes to ``EngineConfig``."""
-    from llama_mpi.mpi_server.engine import Engine, EngineConfig
+    from llama_mpi.mpi_server.engine.engine import Engine, EngineConfig
 
     executor = executor or FakeExecutor()
     tok = FakeTokenizer(executor.vocab_size)

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from llama_mpi.mpi_server.async_engine import AsyncEngine
-from llama_mpi.mpi_server.engine_api import EngineDeadError
-from llama_mpi.mpi_server.sampling_params import SamplingParams
+from llama_mpi.mpi_server.engine.async_engine import AsyncEngine
+from llama_mpi.mpi_server.engine.engine_api import EngineDeadError
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
 from tests.mpi_server.fakes import FakeExecutor, make_engine
 
 EOS = 1

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from llama_mpi.mpi_server.block_manager import BlockManager
-from llama_mpi.mpi_server.sampling_params import SamplingParams
-from llama_mpi.mpi_server.sequence import Sequence
+from llama_mpi.mpi_server.engine.block_manager import BlockManager
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
+from llama_mpi.mpi_server.engine.sequence import Sequence
 from tests.mpi_server.fakes import FakeDetokenizer, FakeTokenizer
 
 

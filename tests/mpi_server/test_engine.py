@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from llama_mpi.mpi_server.async_engine import AsyncEngine
-from llama_mpi.mpi_server.engine_api import EngineDeadError, EngineFullError
-from llama_mpi.mpi_server.sampling_params import SamplingParams
+from llama_mpi.mpi_server.engine.async_engine import AsyncEngine
+from llama_mpi.mpi_server.engine.engine_api import EngineDeadError, EngineFullError
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
 from tests.mpi_server.fakes import FakeExecutor, make_engine, run_to_completion
 
 EOS = 1
@@ -336,7 +336,7 @@ def test_async_shutdown_drains_then_aborts() -> None:
 def test_with_the_real_sampler_tokenizer_and_detokenizer() -> None:
     from llama_mpi.models.gguf.builtin_vocab import builtin_vocab
     from llama_mpi.models.tokenizer.tokenizer import Tokenizer
-    from llama_mpi.mpi_server.engine import Engine, EngineConfig
+    from llama_mpi.mpi_server.engine.engine import Engine, EngineConfig
 
     tok = Tokenizer.from_metadata(builtin_vocab(vocab_size=512, n_merges=200))
     ex = FakeExecutor(vocab_size=512, banned=tuple(tok.eos_ids))

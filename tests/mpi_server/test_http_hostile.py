@@ -396,7 +396,7 @@ def test_seed_bounds(client: TestClient, engine: FakeEngine) -> None:
 def test_sampler_takes_every_seed_the_edge_lets_through() -> None:
     import torch
 
-    from llama_mpi.mpi_server.sequence import make_generator
+    from llama_mpi.mpi_server.engine.sequence import make_generator
 
     for seed in (0, 2**63 - 1, 2**63, 2**64 - 1):
         make_generator(seed, "cpu")

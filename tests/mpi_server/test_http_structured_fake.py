@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from llama_mpi.mpi_server.sampling_params import SamplingParams
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
 from tests.mpi_server.fake_engine import FakeEngine, fake_chat_to_ids, make_app
 
 CALL = ("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"

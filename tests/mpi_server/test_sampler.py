@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama_mpi.mpi_server.penalties import apply_penalties
-from llama_mpi.mpi_server.sampler import Sampler, apply_min_p, apply_top_k_top_p
-from llama_mpi.mpi_server.sampling_params import SamplingParams
+from llama_mpi.mpi_server.engine.penalties import apply_penalties
+from llama_mpi.mpi_server.engine.sampler import Sampler, apply_min_p, apply_top_k_top_p
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
 
 transformers = pytest.importorskip("transformers", reason="reference warpers come from HF")
 V = 64

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from llama_mpi.mpi_server.block_manager import BlockManager
-from llama_mpi.mpi_server.engine_api import EngineFullError
-from llama_mpi.mpi_server.sampling_params import SamplingParams
-from llama_mpi.mpi_server.scheduler import ScheduledSeq, Scheduler
-from llama_mpi.mpi_server.sequence import Sequence, SequenceStatus
+from llama_mpi.mpi_server.engine.block_manager import BlockManager
+from llama_mpi.mpi_server.engine.engine_api import EngineFullError
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
+from llama_mpi.mpi_server.engine.scheduler import ScheduledSeq, Scheduler
+from llama_mpi.mpi_server.engine.sequence import Sequence, SequenceStatus
 from tests.mpi_server.fakes import FakeDetokenizer, FakeTokenizer
 
 

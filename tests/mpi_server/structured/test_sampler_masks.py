@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from llama_mpi.mpi_server.sampler import Sampler
-from llama_mpi.mpi_server.sampling_params import SamplingParams
+from llama_mpi.mpi_server.engine.sampler import Sampler
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
 from llama_mpi.mpi_server.structured import compiler_for, from_json_schema
 
 

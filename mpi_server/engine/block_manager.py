@@ -20,7 +20,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from llama_mpi.mpi_server.sequence import Sequence
+from llama_mpi.mpi_server.engine.sequence import Sequence
 
 
 def block_hash(parent: bytes | None, token_ids: list[int]) -> bytes:

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from llama_mpi.mpi_server.penalties import apply_penalties
-from llama_mpi.mpi_server.sampling_params import SamplingParams
+from llama_mpi.mpi_server.engine.penalties import apply_penalties
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
 

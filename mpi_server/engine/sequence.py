@@ -9,8 +9,8 @@ from typing import Protocol
 
 import torch
 
-from llama_mpi.mpi_server.sampling_params import SamplingParams
-from llama_mpi.mpi_server.stop_checker import StopChecker
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
+from llama_mpi.mpi_server.engine.stop_checker import StopChecker
 
 
 class Detokenizer(Protocol):

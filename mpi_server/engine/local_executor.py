@@ -6,7 +6,7 @@ import torch
 
 from llama_mpi.models.deepseek_v2 import DeepseekV2
 from llama_mpi.models.forward_batch import ForwardBatch
-from llama_mpi.mpi_server.executor import ModelExecutor
+from llama_mpi.mpi_server.engine.executor import ModelExecutor
 
 
 class LocalExecutor(ModelExecutor):

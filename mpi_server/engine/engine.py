@@ -14,17 +14,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from llama_mpi.models.forward_batch import ForwardBatch
-from llama_mpi.mpi_server.block_manager import BlockManager
-from llama_mpi.mpi_server.engine_api import EngineStats, SlotInfo
-from llama_mpi.mpi_server.executor import ModelExecutor
-from llama_mpi.mpi_server.outputs import RequestOutput, TokenLogprob
-from llama_mpi.mpi_server.sampling_params import SamplingParams
-from llama_mpi.mpi_server.scheduler import ScheduledSeq, Scheduler
-from llama_mpi.mpi_server.sequence import Detokenizer, Sequence
+from llama_mpi.mpi_server.engine.block_manager import BlockManager
+from llama_mpi.mpi_server.engine.engine_api import EngineStats, SlotInfo
+from llama_mpi.mpi_server.engine.executor import ModelExecutor
+from llama_mpi.mpi_server.engine.outputs import RequestOutput, TokenLogprob
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
+from llama_mpi.mpi_server.engine.scheduler import ScheduledSeq, Scheduler
+from llama_mpi.mpi_server.engine.sequence import Detokenizer, Sequence
 
 if TYPE_CHECKING:
     from llama_mpi.models.tokenizer.tokenizer import Tokenizer
-    from llama_mpi.mpi_server.sampler import Sampler
+    from llama_mpi.mpi_server.engine.sampler import Sampler
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Engine:
             cont_batching=config.cont_batching,
         )
         if sampler is None:  # imported here so the engine loads without the sampler's deps
-            from llama_mpi.mpi_server.sampler import Sampler
+            from llama_mpi.mpi_server.engine.sampler import Sampler
 
             sampler = Sampler(executor.vocab_size, presample_count=config.presample_count)
         self.sampler = sampler

@@ -21,16 +21,16 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from llama_mpi.mpi_server.engine import Engine
-from llama_mpi.mpi_server.engine_api import (
+from llama_mpi.mpi_server.engine.engine import Engine
+from llama_mpi.mpi_server.engine.engine_api import (
     AsyncEngineAPI,
     EngineDeadError,
     EngineFullError,
     EngineStats,
     SlotInfo,
 )
-from llama_mpi.mpi_server.outputs import RequestOutput
-from llama_mpi.mpi_server.sampling_params import SamplingParams
+from llama_mpi.mpi_server.engine.outputs import RequestOutput
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

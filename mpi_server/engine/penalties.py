@@ -11,7 +11,7 @@ import itertools
 
 import torch
 
-from llama_mpi.mpi_server.sampling_params import SamplingParams
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
 
 
 def _flat_index(

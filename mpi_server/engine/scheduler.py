@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from llama_mpi.mpi_server.block_manager import BlockManager
-from llama_mpi.mpi_server.engine_api import EngineFullError
-from llama_mpi.mpi_server.sequence import Sequence, SequenceStatus
+from llama_mpi.mpi_server.engine.block_manager import BlockManager
+from llama_mpi.mpi_server.engine.engine_api import EngineFullError
+from llama_mpi.mpi_server.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass

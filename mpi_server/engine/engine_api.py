@@ -6,8 +6,8 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from llama_mpi.mpi_server.outputs import RequestOutput
-from llama_mpi.mpi_server.sampling_params import SamplingParams
+from llama_mpi.mpi_server.engine.outputs import RequestOutput
+from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
 
 
 class EngineFullError(RuntimeError):
