@@ -3,7 +3,7 @@
 Follows `llama_tensor_get_type` / `llama_tensor_get_type_impl` / `tensor_type_fallback` in
 llama.cpp's src/llama-quant.cpp (the tree vendored in llama-cpp-python 0.3.36), restricted to
 the branches the ftypes here reach, for `deepseek2` tensor names. Checked against the real
-`llama-quantize` (tests/models/test_quant_plan.py). Against shared/reference/quantized_gguf.md
+`llama-quantize` (tests/models/gguf/test_quant_plan.py). Against shared/reference/quantized_gguf.md
 section 1: its V2-Lite table holds. One difference: the doc calls the `n_expert == 8` rules
 Mixtral-only, but the source keys them on the expert count alone, so any 8-expert deepseek2
 (our `lite` preset) gets attn_kv_b -> Q8_0 and (Q4_K_M) attn_output -> Q5_K; llama-quantize

@@ -36,8 +36,7 @@ def test_float16_compute_runs_through_float32_tiles(reference):
     takes the exactly dequantized tiles and matches the exact float32 result (dense at load)
     to float16 rounding."""
     from llama_mpi.models.loader import load_model
-
-    from .conftest import SEQS, batch_for, num_blocks
+    from tests.models.conftest import SEQS, batch_for, num_blocks
 
     _, path = reference("quant", "q8_0", "mla")
     out = {}
