@@ -20,17 +20,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
-def weight_type(gf: GGUFFile) -> QT:
+def weight_type(gf: GGUFFile, num_layers: int) -> QT:
     """The type of the file's bulk weights (the stacked experts, else the attention output)."""
     for name in ("blk.{}.ffn_down_exps.weight", "blk.0.attn_output.weight"):
-        for i in range(int(gf.metadata.get("deepseek2.block_count", 1))):
+        for i in range(num_layers):
             info = gf.tensors.get(name.format(i))
             if info is not None:
                 return info.qtype
     return QT.F32
 
 
-def compute_dtype(requested: str, gf: GGUFFile, device: torch.device) -> torch.dtype:
+def compute_dtype(requested: str, gf: GGUFFile, cfg: ModelConfig, device: torch.device
+                  ) -> torch.dtype:
     """``auto`` follows the file: F32 -> float32, BF16 -> bfloat16, F16 -> float16 where the
     device is fast at it (else float32), quantized -> bfloat16."""
     if requested != "auto":
@@ -39,7 +40,7 @@ def compute_dtype(requested: str, gf: GGUFFile, device: torch.device) -> torch.d
         except KeyError:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not "
                              f"{requested!r}") from None
-    qt = weight_type(gf)
+    qt = weight_type(gf, cfg.num_layers)
     if qt == QT.F32:
         return torch.float32
     if qt == QT.F16:
@@ -63,7 +64,7 @@ def load_model(path: str | Path, dtype: str = "auto", group_scoring: str = "auto
     keep_freed_memory()
     gf, cfg = open_model_file(path, group_scoring, use_mmap)
     device = torch.device(options.get("device", "cpu"))  # type: ignore[arg-type]
-    opts = RuntimeOptions(dtype=compute_dtype(dtype, gf, device), use_mmap=use_mmap,
+    opts = RuntimeOptions(dtype=compute_dtype(dtype, gf, cfg, device), use_mmap=use_mmap,
                           **options)  # type: ignore[arg-type]
     model = DeepseekV2.from_gguf(gf, cfg, opts)
     log.info("loaded %s (%d layers, %s) in %.2f s", gf.path.name, cfg.num_layers,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import os
 import sys
 import threading
 from collections.abc import Callable
@@ -18,7 +17,9 @@ from typing import Any
 
 import uvicorn
 
+from llama_mpi.mpi_server.config import ServerConfig
 from llama_mpi.mpi_server.http import attach_engine, create_app, server_state
+from llama_mpi.mpi_server.settings import http_options
 from llama_mpi.parallel.startup import StartupError
 
 log = logging.getLogger("llama_mpi.server")
@@ -43,14 +44,6 @@ class _Server(uvicorn.Server):
         self._captured_signals.clear()
 
 
-def _model_names(config: Any) -> tuple[str, tuple[str, ...]]:
-    path = str(getattr(config, "model", "") or "")
-    base = os.path.basename(path)
-    stem = base[:-5] if base.endswith(".gguf") else base
-    name = getattr(config, "model_alias", None) or base or "llama-mpi"
-    return name, tuple(n for n in (path, base, stem) if n)
-
-
 def _settle(fut: asyncio.Future[Any], result: Any, exc: Exception | None) -> None:
     if fut.done():
         return
@@ -60,7 +53,7 @@ def _settle(fut: asyncio.Future[Any], result: Any, exc: Exception | None) -> Non
         fut.set_result(result)
 
 
-def _default_build(config: Any) -> Any:
+def _default_build(config: ServerConfig) -> Any:
     from llama_mpi.mpi_server.engine_factory import build_engine  # heavy: torch etc.
 
     return build_engine(config)
@@ -84,28 +77,16 @@ def _load_in_thread(config: Any, loop: asyncio.AbstractEventLoop,
     return fut
 
 
-async def _serve(config: Any, build: Callable[[Any], Any] = _default_build) -> int:
-    name, aliases = _model_names(config)
-    app = create_app(
-        None, None, None,
-        model_name=name,
-        api_key=getattr(config, "api_key", None),
-        vocab_size=0,
-        display_chat=bool(getattr(config, "display_chat", False)),
-        no_perf=bool(getattr(config, "no_perf", False)),
-        max_model_len=int(getattr(config, "n_ctx", 0) or 0),
-        model_aliases=aliases,
-        special=bool(getattr(config, "special", False)),
-        max_request_bytes=int(getattr(config, "max_request_bytes", 0) or 0),
-        strict_model_name=bool(getattr(config, "strict_model_name", False)),
-        reasoning_format=str(getattr(config, "reasoning_format", "none") or "none"),
-    )
+async def _serve(config: ServerConfig, build: Callable[[Any], Any] = _default_build) -> int:
+    options = http_options(config)
+    name = options["model_name"]
+    app = create_app(None, None, None, vocab_size=0, **options)
     state = server_state(app)
     loop = asyncio.get_running_loop()
     uv_config = uvicorn.Config(
         app,
-        host=getattr(config, "hostname", "127.0.0.1") or "127.0.0.1",
-        port=int(getattr(config, "port", 8080)),
+        host=config.hostname,
+        port=config.port,
         lifespan="on",
         log_level="info",
         # Streams still open after the engine's drain window are cut, so exit stays bounded.
@@ -125,7 +106,7 @@ async def _serve(config: Any, build: Callable[[Any], Any] = _default_build) -> i
                 await start()
         except OPERATOR_ERRORS as exc:  # bad file, key, rank count or budget: one message
             log.error("model loading failed: %s", exc,
-                      exc_info=exc if getattr(config, "verbose", False) else None)
+                      exc_info=exc if config.verbose else None)
             failed = True
             server.should_exit = True
             return
@@ -180,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2 if config is None else serve(config)
 
 
-def serve(config: Any, build: Callable[[Any], Any] = _default_build) -> int:
+def serve(config: ServerConfig, build: Callable[[Any], Any] = _default_build) -> int:
     """Serve HTTP for ``config``; ``build(config)`` returns what ``build_engine`` returns."""
     return asyncio.run(_serve(config, build))
 

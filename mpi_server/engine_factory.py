@@ -21,6 +21,7 @@ from llama_mpi.mpi_server.engine.async_engine import AsyncEngine
 from llama_mpi.mpi_server.engine.engine import Engine, EngineConfig
 from llama_mpi.mpi_server.engine.executor import ModelExecutor
 from llama_mpi.mpi_server.engine.local_executor import LocalExecutor
+from llama_mpi.mpi_server.settings import engine_options, model_options
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ def layer_devices(config: ServerConfig) -> list[torch.device] | None:
         n_dev = device_count(dev_type)
     if n_dev == 1 and dev_type == "cpu":
         return None
-    from llama_mpi.models.gguf.gguf_file import GGUFFile
+    from llama_mpi.models.loader import open_model_file
 
-    n_layers = int(GGUFFile(config.model).metadata.get("deepseek2.block_count", 0))
+    n_layers = open_model_file(config.model, config.moe_group_scoring)[1].num_layers
     plan = plan_layers(n_layers, dev_type, n_dev, split_mode=config.split_mode,
                        tensor_split=config.tensor_split, n_gpu_layers=config.n_gpu_layers,
                        main_gpu=config.main_gpu)
@@ -69,7 +70,7 @@ def check_memory(config: ServerConfig, device: torch.device, tp: int = 1, ep: in
         return
     gf, cfg = open_model_file(config.model, config.moe_group_scoring)
     num_blocks, block, _ = pool_geometry(config, cfg.max_position_embeddings)
-    est = estimate_load(gf, cfg, compute_dtype(config.dtype, gf, device),
+    est = estimate_load(gf, cfg, compute_dtype(config.dtype, gf, cfg, device),
                         config.quant_backend != "dequantize", num_blocks * block, tp, ep,
                         vocab_parallel, local_ranks, config.use_mmap)
     limit, source = ensure_fits(est, config.model)
@@ -135,12 +136,8 @@ def local_executor(config: ServerConfig) -> ModelExecutor:
         torch.set_num_threads(config.n_threads)
     devices = layer_devices(config)
     check_memory(config, devices[0] if devices else torch.device("cpu"))
-    model = load_model(config.model, dtype=config.dtype, group_scoring=config.moe_group_scoring,
-                       use_mmap=config.use_mmap, absorbed_mla=config.enable_mla,
-                       quant_backend=config.quant_backend,
-                       fused_moe=config.enable_fused_moe, layer_devices=devices,
-                       fused_decode=config.fused_decode, graph_mode=config.graph_mode,
-                       device=devices[0] if devices else torch.device("cpu"))
+    model = load_model(config.model, **model_options(
+        config, layer_devices=devices, device=devices[0] if devices else torch.device("cpu")))
     log_resident(model)
     if config.check_tensors:
         check_finite(model)  # every weight: experts, router, norms, embedding, head
@@ -153,10 +150,7 @@ def build_engine(config: ServerConfig, executor: ModelExecutor | None = None
                  ) -> tuple[AsyncEngine, Tokenizer, ChatToIds, int, int]:
     tokenizer, chat_to_ids = build_tokenizer(config)
     executor = executor or local_executor(config)
-    ecfg = EngineConfig(n_parallel=config.n_parallel, n_batch=config.n_batch,
-                        max_queue=config.max_queue, cont_batching=config.cont_batching,
-                        enable_prefix_caching=config.prefix_caching, no_perf=config.no_perf,
-                        presample_count=config.presample_count)
+    ecfg = EngineConfig(**engine_options(config))
     engine = AsyncEngine(Engine(executor, tokenizer, ecfg), config.batch_wait_ms / 1000,
                          step_timeout_s=config.health_step_timeout)
     return engine, tokenizer, chat_to_ids, executor.vocab_size, engine.max_model_len

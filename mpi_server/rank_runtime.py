@@ -20,7 +20,8 @@ from llama_mpi.models.shard import Shard
 from llama_mpi.models.tensor_walk import check_finite
 from llama_mpi.moe.ep_dispatchers import make_dispatcher
 from llama_mpi.mpi_server.config import ServerConfig
-from llama_mpi.mpi_server.engine.local_executor import LocalExecutor
+from llama_mpi.mpi_server.engine.local_executor import LocalExecutor, StepThreads
+from llama_mpi.mpi_server.settings import model_options
 from llama_mpi.parallel.bootstrap import ParallelContext
 from llama_mpi.parallel.heartbeat import Heartbeat
 from llama_mpi.parallel.step_channel import StepChannel
@@ -45,14 +46,10 @@ def load_shard(config: ServerConfig, ctx: ParallelContext) -> DeepseekV2:
     from llama_mpi.mpi_server.engine_factory import check_memory, log_resident
 
     check_memory(config, ctx.device, n, n, vocab_parallel, ctx.local_size)
-    model = load_model(
-        config.model, dtype=config.dtype, group_scoring=config.moe_group_scoring,
-        use_mmap=config.use_mmap, absorbed_mla=config.enable_mla,
-        quant_backend=config.quant_backend,
-        fused_moe=config.enable_fused_moe, shard=shard, all_reduce=ctx.comm.all_reduce,
-        fused_decode=config.fused_decode, graph_mode=config.graph_mode,
+    model = load_model(config.model, **model_options(
+        config, shard=shard, all_reduce=ctx.comm.all_reduce, device=ctx.device,
         dispatcher=make_dispatcher(config.moe_comm, ctx.comm, cfg.num_experts),
-        device=ctx.device, vocab_comm=ctx.comm if vocab_parallel else None)
+        vocab_comm=ctx.comm if vocab_parallel else None))
     if config.check_tensors:  # this rank's shard: every rank checks what it holds
         check_finite(model)
     counts = model.param_counts()
@@ -90,15 +87,19 @@ class DrivingExecutor(LocalExecutor):
 
 
 def run_worker(model: DeepseekV2, pool_blocks: int, block_size: int, channel: StepChannel,
-               on_step: Callable[[int], None] | None = None) -> None:
-    """Ranks > 0: run published steps until the shutdown message.
+               on_step: Callable[[int], None] | None = None,
+               threads: StepThreads | None = None) -> None:
+    """Ranks > 0: run published steps until the shutdown message, with the same thread
+    counts per step as rank 0 (``n_threads`` / ``n_threads_batch``).
 
     ``on_step(n)`` runs before this rank's n-th step: a test hook (e.g. to make a rank fail
     mid-decode and check that the whole job ends with its message)."""
     pool = model.make_kv_pool(pool_blocks, block_size)
+    threads = threads or StepThreads()
     step = 0
     while (batch := channel.receive()) is not None:
         step += 1
         if on_step is not None:
             on_step(step)
+        threads.apply(batch)
         model(batch, pool, logits=False)

@@ -203,23 +203,21 @@ def bench_single(args) -> dict:
     import torch
 
     from llama_mpi.models.loader import load_model
+    from llama_mpi.mpi_server.settings import model_options
 
     torch.set_num_threads(args.threads)
     cfg = make_config(args)
     layer_devices = None
     if args.layer_split and args.layer_split > 1:
-        from llama_mpi.models.gguf.gguf_file import GGUFFile
+        from llama_mpi.models.loader import open_model_file
         from llama_mpi.parallel.layer_split import plan_layers
 
-        n_layers = int(GGUFFile(cfg.model).metadata.get("deepseek2.block_count", 0))
+        n_layers = open_model_file(cfg.model)[1].num_layers
         layer_devices = plan_layers(n_layers, "cpu", args.layer_split).torch_devices()
     la_load = loadavg()
     anon = AnonPeak()
     t0 = time.perf_counter()
-    model = load_model(cfg.model, dtype=cfg.dtype, group_scoring=cfg.moe_group_scoring,
-                       use_mmap=cfg.use_mmap, absorbed_mla=cfg.enable_mla,
-                       fused_moe=cfg.enable_fused_moe, layer_devices=layer_devices,
-                       quant_backend=cfg.quant_backend)
+    model = load_model(cfg.model, **model_options(cfg, layer_devices=layer_devices))
     load_s = time.perf_counter() - t0
 
     def step(batch, pool):

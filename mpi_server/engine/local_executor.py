@@ -9,6 +9,21 @@ from llama_mpi.models.forward_batch import ForwardBatch
 from llama_mpi.mpi_server.engine.executor import ModelExecutor
 
 
+class StepThreads:
+    """llama.cpp's two thread counts: ``n_threads`` for decode steps, ``n_threads_batch`` for
+    steps with prefill (-1: this process's count, resp. ``n_threads``). Every rank applies
+    the same rule to the same batch."""
+
+    def __init__(self, n_threads: int = -1, n_threads_batch: int = -1) -> None:
+        self.decode = n_threads if n_threads > 0 else torch.get_num_threads()
+        self.prefill = n_threads_batch if n_threads_batch > 0 else self.decode
+
+    def apply(self, batch: ForwardBatch) -> None:
+        want = self.prefill if batch.num_tokens > batch.num_seqs else self.decode
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
+
+
 class LocalExecutor(ModelExecutor):
     def __init__(self, model: DeepseekV2, num_blocks: int, block_size: int, max_model_len: int,
                  n_threads: int = -1, n_threads_batch: int = -1) -> None:
@@ -18,14 +33,8 @@ class LocalExecutor(ModelExecutor):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.max_model_len = max_model_len
         self.device = model.devices[0]
-        # llama.cpp's two thread counts: one for decode steps, one for steps with prefill
-        default = torch.get_num_threads()
-        self._threads = n_threads if n_threads > 0 else default
-        self._threads_batch = n_threads_batch if n_threads_batch > 0 else self._threads
+        self.threads = StepThreads(n_threads, n_threads_batch)
 
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
-        prefill = batch.num_tokens > batch.num_seqs
-        want = self._threads_batch if prefill else self._threads
-        if torch.get_num_threads() != want:
-            torch.set_num_threads(want)
+        self.threads.apply(batch)
         return self.model(batch, self.pool)
