@@ -15,13 +15,16 @@ from llama_mpi.moe.experts import Experts
 
 
 class Dispatcher(ABC):
-    #: True when ``combine`` already returns the complete routed sum on this rank, so the
-    #: caller must not all-reduce it again (all-to-all); False when it is a partial sum.
+    #: True when the call returns the whole routed sum on this rank (one process): the layer
+    #: then adds it to the residual directly and reduces only the shared experts' part; False
+    #: when it is this rank's partial sum, reduced once with the shared part by the layer.
     complete: bool = True
 
     @abstractmethod
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                 experts: Experts) -> torch.Tensor: ...
+                 experts: Experts) -> torch.Tensor:
+        """The routed-expert sum ``[T, E]`` (float32) for the batch ``x`` routed to global
+        expert ``ids`` with ``weights`` (both ``[T, k]``), as far as this rank computes it."""
 
 
 class LocalDispatcher(Dispatcher):

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import torch
 
-from llama_mpi.moe.dispatcher import Dispatcher
+from llama_mpi.moe.dispatcher import Dispatcher, LocalDispatcher
 from llama_mpi.moe.experts import Experts
 from llama_mpi.parallel.communicator import Communicator
 
 
-class AllReduceDispatcher(Dispatcher):
-    complete = False
+class AllReduceDispatcher(LocalDispatcher):
+    """The local call on this rank's experts (slots of other ranks' experts contribute
+    nothing), as a partial sum for the layer's one all-reduce."""
 
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                 experts: Experts) -> torch.Tensor:
-        return experts(x, ids, weights)  # slots of other ranks' experts contribute nothing
+    complete = False
 
 
 class AllToAllDispatcher(Dispatcher):
@@ -67,8 +66,6 @@ class AllToAllDispatcher(Dispatcher):
 
 def make_dispatcher(mode: str, comm: Communicator, num_experts: int) -> Dispatcher:
     if comm.world_size == 1:
-        from llama_mpi.moe.dispatcher import LocalDispatcher
-
         return LocalDispatcher()
     if mode == "allreduce":
         return AllReduceDispatcher()
