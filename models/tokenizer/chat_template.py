@@ -152,13 +152,14 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
         if content is None:
             raise ChatTemplateError(f"message {i} ({role}) has no content")
         if not isinstance(content, str):
-            content = _join_text_parts(content, i)
+            content = join_text_parts(content, i)
         out.append({**message, "content": content})
     return out
 
 
-def _join_text_parts(parts: Any, index: int) -> str:
-    # llama.cpp joins text parts with "\n" for templates that take string content.
+def join_text_parts(parts: Any, index: int) -> str:
+    """The one rule for OpenAI content parts: text parts joined with "\n" (as llama.cpp does
+    for templates that take string content); any other part is refused."""
     if not isinstance(parts, list):
         raise ChatTemplateError(f"message {index}: content must be a string or a list of parts")
     texts = []

@@ -42,13 +42,10 @@ async def list_models(state: ServerState = Depends(get_state)) -> dict[str, Any]
 def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
     content = m.content
     if isinstance(content, list):  # content parts: only text can reach a text-only model
-        texts = []
-        for part in content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad_request(f"messages[{i}].content: only text parts are supported",
-                                  "messages")
-            texts.append(part["text"])
-        content = "".join(texts)
+        try:
+            content = chat_template.join_text_parts(content, i)
+        except chat_template.ChatTemplateError as exc:
+            raise bad_request(f"messages[{i}].content: {exc}", "messages") from exc
     return {**(m.model_extra or {}), "role": m.role, "content": content}
 
 

@@ -193,3 +193,20 @@ def test_special_flag(engine: FakeEngine) -> None:
     TestClient(make_app(engine)).post("/v1/completions", json={"prompt": "a", "max_tokens": 1})
     TestClient(make_app(engine, special=True)).post("/v1/completions", json={"prompt": "a"})
     assert [p.skip_special_tokens for _, _, p in engine.calls] == [True, False]
+
+
+def test_text_content_parts_join_with_a_newline_as_in_the_template(client) -> None:
+    """One rule for content parts (llama.cpp's): the HTTP layer and the template agree."""
+    from llama_mpi.models.tokenizer.chat_template import join_text_parts
+
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    assert join_text_parts(parts, 0) == "a\nb"
+    r = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": parts}], "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "a\nb"}], "max_tokens": 1}
+    ).json()["usage"]["prompt_tokens"]
+    bad = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
