@@ -15,6 +15,7 @@ big prefill) and then takes a step of its own.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -63,6 +64,9 @@ class AsyncEngine(AsyncEngineAPI):
         self._accepting = True
         self._dead: Exception | None = None
         self._step_lock = threading.Lock()  # held by the thread while it touches the engine
+        # What the event loop may read about the engine: taken with the step lock held (the
+        # engine consistent), published under the condition; never the live engine state.
+        self._view = self._take_view()
         self._thread = threading.Thread(target=self._run, name="llama-mpi-engine", daemon=True)
         self._thread.start()
 
@@ -91,11 +95,13 @@ class AsyncEngine(AsyncEngineAPI):
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, _final(request_id, "abort"))
 
     def slots(self) -> list[SlotInfo]:
-        return self.engine.slots()
+        with self._cv:
+            return list(self._view[0])
 
     def stats(self) -> EngineStats:
-        stats = self.engine.stats()
-        stats.queue_length += len(self._pending_adds)
+        with self._cv:
+            stats = dataclasses.replace(self._view[1])
+            stats.queue_length += len(self._pending_adds)
         return stats
 
     async def shutdown(self, drain_timeout: float = 10.0) -> None:
@@ -146,7 +152,7 @@ class AsyncEngine(AsyncEngineAPI):
                 raise EngineDeadError("the engine is shutting down")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
-            if self.engine.scheduler.is_full(extra=len(self._pending_adds)):
+            if self._full(extra=len(self._pending_adds)):
                 raise EngineFullError("the queue is full; retry later")
             self._streams[request_id] = stream
             self._pending_adds.append((request_id, list(prompt_ids), params))
@@ -163,6 +169,7 @@ class AsyncEngine(AsyncEngineAPI):
             if self._step_lock.acquire(blocking=False):
                 try:
                     self.engine.abort(request_id)
+                    self._view = self._take_view()
                 finally:
                     self._step_lock.release()
             else:
@@ -202,6 +209,7 @@ class AsyncEngine(AsyncEngineAPI):
             try:
                 outputs = self._apply(adds, aborts)
                 outputs += self.engine.step()
+                view = self._take_view()
             except Exception as exc:  # any failure (a rank, the model, a bug) kills the engine
                 log.exception("engine step failed; failing every pending request")
                 self._fail(exc)
@@ -209,10 +217,23 @@ class AsyncEngine(AsyncEngineAPI):
             finally:
                 self._step_started = None
                 self._step_lock.release()
+            with self._cv:
+                self._view = view
             self._deliver(outputs)
             if self.engine.last_num_tokens == 0 and self.engine.has_unfinished():
                 with self._cv:  # nothing could run (should not happen): do not spin
                     self._cv.wait(timeout=0.01)
+
+    def _take_view(self) -> tuple[list[SlotInfo], EngineStats]:
+        """With the step lock held (or before the thread starts)."""
+        return self.engine.slots(), self.engine.stats()
+
+    def _full(self, extra: int) -> bool:
+        """With the condition held: would ``extra`` more submissions overflow the queue?
+        The scheduler's rule on the published view (the engine may be mid-step)."""
+        stats, sched = self._view[1], self.engine.scheduler
+        free_slots = sched.n_parallel - stats.running
+        return stats.queue_length + extra >= sched.max_queue + free_slots
 
     def _await_burst(self) -> None:
         """With the condition held: wait while requests keep arriving (see the module doc)."""

@@ -111,3 +111,27 @@ def test_a_failure_outside_a_step_kills_the_engine_loudly_not_silently() -> None
 def test_out_of_range_waits_are_refused() -> None:
     with pytest.raises(ValueError):
         AsyncEngine(make_engine(FakeExecutor()), batch_wait_s=float("inf"))
+
+
+def test_slots_and_stats_come_from_the_published_view_not_the_live_engine() -> None:
+    """The event loop never reads the scheduler while a step may be changing it."""
+
+    async def main():
+        ex = BlockingExecutor()
+        eng = AsyncEngine(make_engine(ex, n_parallel=2))
+        task = asyncio.create_task(_drain(eng.generate("r", [2, 3], SamplingParams(max_tokens=4))))
+        await asyncio.to_thread(ex.blocked.wait, 5)  # mid-step: the live engine is busy
+        live = eng.engine.slots, eng.engine.stats
+        eng.engine.slots = eng.engine.stats = None  # any live read would now fail
+        try:
+            running, busy = eng.stats().running, [s.state for s in eng.slots()]
+        finally:
+            eng.engine.slots, eng.engine.stats = live
+            ex.release.set()
+        outs = await task
+        await eng.shutdown()
+        return running, busy, outs[-1]
+
+    running, busy, last = asyncio.run(main())
+    assert running == 1 and busy.count("idle") == 1
+    assert last.finish_reason == "length"
