@@ -8,13 +8,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 
-from llama_mpi.mpi_server.engine.sampling_params import SamplingParams
 from llama_mpi.mpi_server.http import serving
 from llama_mpi.mpi_server.http.errors import APIError
 from llama_mpi.mpi_server.http.generation import Generation
 from llama_mpi.mpi_server.http.openai_format import new_id
 from llama_mpi.mpi_server.http.protocol import FiniteFloat, Text, _Request
-from llama_mpi.mpi_server.http.sampling import build_params
 from llama_mpi.mpi_server.http.sse import EventStream, sse
 from llama_mpi.mpi_server.http.state import ServerState, get_state
 
@@ -43,7 +41,7 @@ class GenerateRequest(_Request):
 async def _prepare(
     body: GenerateRequest, request: Request, state: ServerState, logprobs: bool
 ) -> tuple[Generation, int]:
-    engine = state.live_engine()
+    state.live_engine()  # 503 at once, before any tokenizing, when nothing can be served
     prompt_ids = await serving.prompt_to_ids(request, state, body.inputs, "inputs")
     p = body.parameters
     fields: dict[str, Any] = p.model_dump(exclude={"max_new_tokens", "stop_sequences"})
@@ -51,13 +49,9 @@ async def _prepare(
     fields["logprobs"] = logprobs
     if not p.do_sample:
         fields["temperature"] = 0.0
-    fields["skip_special_tokens"] = not state.special
-    params: SamplingParams = build_params(
-        fields, max_tokens=("max_new_tokens", p.max_new_tokens), prompt_len=len(prompt_ids),
-        max_model_len=state.max_model_len, vocab_size=state.vocab_size, prompt_param="inputs")
-    gen = Generation(engine, state.metrics, new_id("gen"), prompt_ids, [params],
-                     timed=not state.no_perf)
-    await serving.start(request, gen)
+    gen = await serving.launch(request, state, prompt_ids, fields,
+                               ("max_new_tokens", p.max_new_tokens), new_id("gen"),
+                               prompt_param="inputs", choices=False)
     return gen, len(prompt_ids)
 
 

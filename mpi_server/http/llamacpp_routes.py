@@ -16,7 +16,7 @@ from llama_mpi.mpi_server.http.generation import Choice, Generation
 from llama_mpi.mpi_server.http.limits import check_text_length
 from llama_mpi.mpi_server.http.openai_format import new_id
 from llama_mpi.mpi_server.http.protocol import Prompt, SamplingFields, Text, _Request
-from llama_mpi.mpi_server.http.sampling import build_params, pick_max_tokens
+from llama_mpi.mpi_server.http.sampling import pick_max_tokens
 from llama_mpi.mpi_server.http.sse import EventStream, sse
 from llama_mpi.mpi_server.http.state import ServerState, get_state
 
@@ -92,7 +92,7 @@ def _probs(c_lp: list[Any]) -> list[dict[str, Any]]:
 async def completion(
     body: LlamaCompletionRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> Any:
-    engine = state.live_engine()
+    state.live_engine()  # 503 at once, before any tokenizing, when nothing can be served
     state.check_model(body.model)
     so.refuse_unsupported(body)
     spec = so.format_spec(body)
@@ -103,13 +103,8 @@ async def completion(
     fields["top_logprobs"] = body.n_probs
     # llama.cpp's default n_predict is -1 (no limit); max_tokens is accepted too.
     limit = pick_max_tokens(("n_predict", body.n_predict), ("max_tokens", body.max_tokens))
-    fields["skip_special_tokens"] = not state.special
-    params = build_params(fields, max_tokens=limit, prompt_len=len(prompt_ids),
-                          max_model_len=state.max_model_len, vocab_size=state.vocab_size)
-    params.constraint = compiled
-    gen = Generation(engine, state.metrics, new_id("cmpl"), prompt_ids, [params],
-                     timed=not state.no_perf)
-    await serving.start(request, gen)
+    gen = await serving.launch(request, state, prompt_ids, fields, limit, new_id("cmpl"),
+                               constraint=compiled, choices=False)
     if body.stream:
         stream = _stream(state, gen, len(prompt_ids), body.n_probs > 0)
         return EventStream(stream, on_close=gen.close)

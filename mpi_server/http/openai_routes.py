@@ -15,7 +15,7 @@ from llama_mpi.mpi_server.http.errors import APIError, bad_request
 from llama_mpi.mpi_server.http.generation import Generation
 from llama_mpi.mpi_server.http.limits import check_text_length
 from llama_mpi.mpi_server.http.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
-from llama_mpi.mpi_server.http.sampling import build_params, per_choice, pick_max_tokens
+from llama_mpi.mpi_server.http.sampling import pick_max_tokens
 from llama_mpi.mpi_server.http.sse import DONE, EventStream, sse
 from llama_mpi.mpi_server.http.state import ServerState, get_state
 
@@ -77,7 +77,7 @@ def _fields(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> Any:
-    engine = state.live_engine()
+    state.live_engine()  # 503 at once, before any tokenizing, when nothing can be served
     state.check_model(body.model)
     so.refuse_unsupported(body)
     if not body.messages:
@@ -99,19 +99,14 @@ async def chat_completions(
                             ("max_tokens", body.max_tokens), ("n_predict", body.n_predict))
     # the tool-call parser needs the markers, which are special tokens of DeepSeek vocabularies
     fields["skip_special_tokens"] = not (state.special or plan.parse)
-    params = build_params(fields, max_tokens=limit, prompt_len=len(prompt_ids),
-                          max_model_len=state.max_model_len, vocab_size=state.vocab_size,
-                          prompt_param="messages")
-    params.constraint = compiled
     rid, created = fmt.new_id("chatcmpl"), fmt.now()
-    gen = Generation(engine, state.metrics, rid, prompt_ids, per_choice(params),
-                     timed=not state.no_perf)
+    gen = await serving.launch(request, state, prompt_ids, fields, limit, rid,
+                               prompt_param="messages", constraint=compiled)
     reasoning = state.reasoning_format == "deepseek"
 
     def shaper() -> so.ReplyShaper:
         return so.ReplyShaper(reasoning, thinking, plan.parse)
 
-    await serving.start(request, gen)
     meta = (rid, created, state.model_name)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -201,7 +196,7 @@ async def _chat_stream(
 async def completions(
     body: CompletionRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> Any:
-    engine = state.live_engine()
+    state.live_engine()  # 503 at once, before any tokenizing, when nothing can be served
     state.check_model(body.model)
     so.refuse_unsupported(body)
     if body.echo:
@@ -214,14 +209,9 @@ async def completions(
     fields["logprobs"] = body.logprobs is not None
     limit = pick_max_tokens(("max_tokens", body.max_tokens), ("n_predict", body.n_predict),
                             ("max_completion_tokens", body.max_completion_tokens))
-    fields["skip_special_tokens"] = not state.special
-    params = build_params(fields, max_tokens=limit, prompt_len=len(prompt_ids),
-                          max_model_len=state.max_model_len, vocab_size=state.vocab_size)
-    params.constraint = compiled
     rid, created = fmt.new_id("cmpl"), fmt.now()
-    gen = Generation(engine, state.metrics, rid, prompt_ids, per_choice(params),
-                     timed=not state.no_perf)
-    await serving.start(request, gen)
+    gen = await serving.launch(request, state, prompt_ids, fields, limit, rid,
+                               constraint=compiled)
     meta = (rid, created, state.model_name)
     want_lp = body.logprobs is not None
     if body.stream:

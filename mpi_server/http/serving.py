@@ -16,6 +16,7 @@ from llama_mpi.mpi_server.http.generation import (
     unless_disconnected,
 )
 from llama_mpi.mpi_server.http.limits import check_ids_length, check_text_length
+from llama_mpi.mpi_server.http.sampling import build_params, per_choice
 from llama_mpi.mpi_server.http.state import ServerState
 
 CLIENT_GONE = 499  # nginx's "client closed request": logged and counted, never delivered
@@ -60,6 +61,27 @@ async def prompt_to_ids(
     if not ids:
         raise bad_request(f"{param}: must not be empty", param)
     return list(ids)
+
+
+async def launch(
+    request: Request, state: ServerState, prompt_ids: list[int], fields: dict[str, Any],
+    limit: tuple[str, int | None], rid: str, *, prompt_param: str = "prompt",
+    constraint: Any = None, choices: bool = True,
+) -> Generation:
+    """What every dialect does once it has the prompt: check the sampling fields against it
+    (``build_params``), split ``n`` into choices, submit them. ``fields`` holds request
+    values by ``SamplingParams`` name; special tokens are hidden unless the server shows
+    them (``--special``) or the route says otherwise."""
+    engine = state.live_engine()
+    fields.setdefault("skip_special_tokens", not state.special)
+    params = build_params(fields, max_tokens=limit, prompt_len=len(prompt_ids),
+                          max_model_len=state.max_model_len, vocab_size=state.vocab_size,
+                          prompt_param=prompt_param)
+    params.constraint = constraint
+    gen = Generation(engine, state.metrics, rid, prompt_ids,
+                     per_choice(params) if choices else [params], timed=not state.no_perf)
+    await start(request, gen)
+    return gen
 
 
 async def start(request: Request, gen: Generation) -> None:
