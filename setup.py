@@ -50,7 +50,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "llama-mpi-generate=llama_mpi.models.generate:main",
+            "llama-mpi-generate=llama_mpi.mpi_server.generate_cli:main",
             "llama-mpi-build-model=llama_mpi.models.gguf.builder:main",
             "llama-server=llama_mpi.mpi_server.cli:main",
             "llama-mpi-server=llama_mpi.mpi_server.mpi_cli:main",

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llama_mpi.models.forward_batch import ForwardBatch
-from llama_mpi.models.generate import generate
 from llama_mpi.models.loader import load_model
+from tests.models.reference_decode import generate
 
 from .conftest import SEQS
 from .hf_reference import hf_logits

@@ -60,7 +60,7 @@ class Offline:
         """``n`` greedy tokens after ``prompt_ids`` and their text."""
         import torch
 
-        from llama_mpi.models.generate import generate
+        from tests.models.reference_decode import generate
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # much faster than 2 threads on two busy cores
