@@ -30,7 +30,7 @@ from llama_mpi.mpi_server.structured import (
     prompt_opens_reasoning,
     tool_call_constraint,
 )
-from llama_mpi.mpi_server.structured.tool_calls import new_call_id
+from llama_mpi.mpi_server.structured.tool_call_types import new_call_id
 
 _PROMPT_TAIL = 8  # tokens of the prompt decoded to see whether it opens a <think> block
 

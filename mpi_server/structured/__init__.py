@@ -52,15 +52,14 @@ from .spec import (
     from_lark,
     from_response_format,
 )
-from .tool_calls import (
+from .tool_call_types import (
     ParseDelta,
     ParsedMessage,
     ToolCall,
     ToolCallDelta,
-    ToolCallParser,
     detect_tool_syntax,
-    parse_tool_calls,
 )
+from .tool_calls import ToolCallParser, parse_tool_calls
 from .tool_grammar import tool_call_constraint
 from .vocab import GrammarVocab, grammar_vocab
 

@@ -21,7 +21,7 @@ from .compiler import DEFAULT_JSON_OPTIONS
 from .errors import ConstraintError
 from .reasoning import THINK_CLOSE
 from .spec import ConstraintSpec, canonical_json, from_lark
-from .tool_calls import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
+from .tool_call_types import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 # OpenAI: a function without "parameters" takes none, so its arguments are {}

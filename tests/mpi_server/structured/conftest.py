@@ -21,7 +21,7 @@ from llama_mpi.mpi_server.structured import (
     apply_grammar_masks,
     compiler_for,
 )
-from llama_mpi.mpi_server.structured.tool_calls import MARKERS
+from llama_mpi.mpi_server.structured.tool_call_types import MARKERS
 from tests.fixtures import DEEPSEEK_VOCAB
 
 VOCAB = DEEPSEEK_VOCAB

@@ -12,7 +12,7 @@ from llama_mpi.mpi_server.structured import (
     parse_tool_calls,
     tool_call_constraint,
 )
-from llama_mpi.mpi_server.structured.tool_calls import CALLS_BEGIN
+from llama_mpi.mpi_server.structured.tool_call_types import CALLS_BEGIN
 
 from .conftest import random_walk, validate
 
