@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None, worker_hook: Callable[[int, int], None] 
     config = configure("llama-mpi-server", argv)
     if config is None:
         return 2
-    from llama_mpi.mpi_server.engine.local_executor import StepThreads
+    from llama_mpi.mpi_server.engine.local_executor import LocalExecutor
     from llama_mpi.mpi_server.engine_factory import build_engine, build_tokenizer, pool_geometry
     from llama_mpi.mpi_server.rank_runtime import DrivingExecutor, load_shard, run_worker
     from llama_mpi.parallel.bootstrap import init_parallel
@@ -62,12 +62,13 @@ def main(argv: list[str] | None = None, worker_hook: Callable[[int, int], None] 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            model, (blocks, block, _) = prepare()
+            model, (blocks, block, max_len) = prepare()
         except StartupError:  # rank 0 prints the job's message
             return 1
         hook = None if worker_hook is None else functools.partial(worker_hook, ctx.rank)
-        threads = StepThreads(ctx.n_threads, config.n_threads_batch)
-        run_guarded(run_worker, model, blocks, block, channel, hook, threads)
+        executor = LocalExecutor(model, blocks, block, max_len, ctx.n_threads,
+                                 config.n_threads_batch)
+        run_guarded(run_worker, executor, channel, hook)
         if heartbeat is not None:
             heartbeat.close()
         return 0

@@ -20,7 +20,7 @@ from llama_mpi.models.shard import Shard
 from llama_mpi.models.tensor_walk import check_finite
 from llama_mpi.moe.ep_dispatchers import make_dispatcher
 from llama_mpi.mpi_server.config import ServerConfig
-from llama_mpi.mpi_server.engine.local_executor import LocalExecutor, StepThreads
+from llama_mpi.mpi_server.engine.local_executor import LocalExecutor
 from llama_mpi.mpi_server.settings import model_options
 from llama_mpi.parallel.bootstrap import ParallelContext
 from llama_mpi.parallel.heartbeat import Heartbeat
@@ -86,20 +86,16 @@ class DrivingExecutor(LocalExecutor):
             self.channel.publish(None)
 
 
-def run_worker(model: DeepseekV2, pool_blocks: int, block_size: int, channel: StepChannel,
-               on_step: Callable[[int], None] | None = None,
-               threads: StepThreads | None = None) -> None:
-    """Ranks > 0: run published steps until the shutdown message, with the same thread
-    counts per step as rank 0 (``n_threads`` / ``n_threads_batch``).
+def run_worker(executor: LocalExecutor, channel: StepChannel,
+               on_step: Callable[[int], None] | None = None) -> None:
+    """Ranks > 0: run published steps until the shutdown message, through the same
+    ``LocalExecutor.run`` as rank 0 (same thread counts per step, no logits).
 
     ``on_step(n)`` runs before this rank's n-th step: a test hook (e.g. to make a rank fail
     mid-decode and check that the whole job ends with its message)."""
-    pool = model.make_kv_pool(pool_blocks, block_size)
-    threads = threads or StepThreads()
     step = 0
     while (batch := channel.receive()) is not None:
         step += 1
         if on_step is not None:
             on_step(step)
-        threads.apply(batch)
-        model(batch, pool, logits=False)
+        executor.run(batch, logits=False)

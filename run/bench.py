@@ -238,6 +238,7 @@ def bench_worker(args) -> dict | None:
     """One MPI rank. Rank 0 drives and returns the result; the others return None."""
     from mpi4py import MPI
 
+    from llama_mpi.mpi_server.engine.local_executor import LocalExecutor
     from llama_mpi.mpi_server.rank_runtime import load_shard, run_worker
     from llama_mpi.parallel.bootstrap import init_parallel
     from llama_mpi.parallel.step_channel import StepChannel
@@ -272,7 +273,8 @@ def bench_worker(args) -> dict | None:
                   "tests": tests}
     else:
         n_blocks = -(-max(args.n_prompt, args.n_gen, 1) // BLOCK_SIZE)
-        run_worker(model, n_blocks, BLOCK_SIZE, channel)
+        run_worker(LocalExecutor(model, n_blocks, BLOCK_SIZE, n_blocks * BLOCK_SIZE, ctx.n_threads),
+                   channel)
     rss = world.gather(peak_rss_mib(), root=0)
     anon_peaks = world.gather(anon.stop(), root=0)
     if ctx.rank == 0:

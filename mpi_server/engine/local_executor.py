@@ -36,5 +36,10 @@ class LocalExecutor(ModelExecutor):
         self.threads = StepThreads(n_threads, n_threads_batch)
 
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.run(batch)
+
+    def run(self, batch: ForwardBatch, logits: bool = True) -> torch.Tensor:
+        """One step on this process's model and pool; the one way every rank runs a step
+        (workers pass ``logits=False``: only rank 0 samples)."""
         self.threads.apply(batch)
-        return self.model(batch, self.pool)
+        return self.model(batch, self.pool, logits=logits)
