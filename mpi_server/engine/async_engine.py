@@ -252,7 +252,7 @@ class AsyncEngine(AsyncEngineAPI):
             self.engine.abort(rid)
         for rid, prompt_ids, params in adds:
             try:
-                self.engine.add_request(rid, prompt_ids, params)
+                self.engine.add_request(rid, prompt_ids, params, checked=True)  # in _submit
             except (ValueError, EngineFullError) as exc:  # raced past the loop-side checks
                 outputs.append(_final(rid, "error", error=str(exc)))
         return outputs

@@ -98,11 +98,14 @@ class Engine:
         if bad:
             raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary")
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; ``ValueError`` if invalid, ``EngineFullError`` if the queue is full."""
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    checked: bool = False) -> None:
+        """Queue a request; ``ValueError`` if invalid, ``EngineFullError`` if the queue is full.
+        ``checked``: the caller has run ``check_request`` on it already (no second pass)."""
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already running")
-        self.check_request(prompt_ids, params)
+        if not checked:
+            self.check_request(prompt_ids, params)
         detok = self.detokenizer_factory(params)
         seq = Sequence(request_id, prompt_ids, params, detok, device=self.executor.device,
                        collect_timings=not self.config.no_perf)
@@ -172,6 +175,7 @@ class Engine:
                 if not seq.matcher.accept(tid):
                     error = f"the grammar refused sampled token {tid}: {seq.matcher.error}"
                 self.grammar_seconds += time.perf_counter() - t_mask
+            reason: str | None
             if error is not None:
                 text, reason = self._drain(seq, ""), "error"
             else:
@@ -240,11 +244,13 @@ class Engine:
             cached_prompt_tokens=seq.num_cached_prompt,
             error=error,
         )
-        if out.finished and seq.timings.complete:
-            t = seq.timings
-            out.time_to_first_token = t.first_token - t.arrival
-            out.prompt_seconds = t.first_token - t.first_scheduled
-            out.decode_seconds = t.finished - t.first_token
+        t = seq.timings
+        arrival, scheduled, first, done = t.arrival, t.first_scheduled, t.first_token, t.finished
+        if (out.finished and arrival is not None and scheduled is not None and first is not None
+                and done is not None):  # t.complete, in a form the type checker follows
+            out.time_to_first_token = first - arrival
+            out.prompt_seconds = first - scheduled
+            out.decode_seconds = done - first
         return out
 
     # -- introspection ------------------------------------------------------------------------

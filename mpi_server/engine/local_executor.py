@@ -36,9 +36,11 @@ class LocalExecutor(ModelExecutor):
         self.threads = StepThreads(n_threads, n_threads_batch)
 
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
-        return self.run(batch)
+        out = self.run(batch)
+        assert out is not None  # logits=True: the model returns them
+        return out
 
-    def run(self, batch: ForwardBatch, logits: bool = True) -> torch.Tensor:
+    def run(self, batch: ForwardBatch, logits: bool = True) -> torch.Tensor | None:
         """One step on this process's model and pool; the one way every rank runs a step
         (workers pass ``logits=False``: only rank 0 samples)."""
         self.threads.apply(batch)

@@ -160,7 +160,7 @@ class Sampler:
 
         # exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p, without a cumsum
         probs = logits.softmax(dim=1)
-        noise = _exponential_noise(tuple(probs.shape), generators, device)
+        noise = _exponential_noise((probs.shape[0], probs.shape[1]), generators, device)
         return (probs / noise.clamp_min_(1e-20)).argmax(dim=1)  # clamp: 0/0 would be NaN
 
     def _masked_logprobs(self, logits: torch.Tensor, params: list[SamplingParams]) -> SampleResult:

@@ -77,7 +77,8 @@ class Scheduler:
         return len(self.waiting) + extra >= self.max_queue + free_slots
 
     def add(self, seq: Sequence) -> None:
-        self.check_prompt(seq.num_prompt_tokens)
+        """Queue ``seq``, already checked by ``Engine.check_request``."""
+        assert 0 < seq.num_prompt_tokens < self.max_model_len, seq.num_prompt_tokens
         if self.is_full():
             raise EngineFullError(f"the queue is full ({len(self.waiting)} waiting)")
         self.waiting.append(seq)

@@ -113,9 +113,11 @@ def test_waiting_request_waits_when_pool_is_short() -> None:
 def test_prompt_too_long_and_queue_full() -> None:
     s = make(num_blocks=4, block_size=4, n_parallel=1, max_queue=1)
     with pytest.raises(ValueError, match="prompt has 16 tokens; the context holds 16"):
-        s.add(seq("long", 16))
+        s.check_prompt(16)  # what Engine.check_request asks before anything is queued
     with pytest.raises(ValueError, match="empty"):
-        s.add(seq("empty", 0))
+        s.check_prompt(0)
+    with pytest.raises(AssertionError):  # add only asserts: the check happened at the edge
+        s.add(seq("long", 16))
     s.add(seq("a", 4))  # takes the free slot's share
     s.add(seq("b", 4))  # the one queue place
     with pytest.raises(EngineFullError):
