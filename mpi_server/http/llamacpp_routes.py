@@ -92,9 +92,7 @@ def _probs(c_lp: list[Any]) -> list[dict[str, Any]]:
 async def completion(
     body: LlamaCompletionRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> Any:
-    state.live_engine()  # 503 at once, before any tokenizing, when nothing can be served
-    state.check_model(body.model)
-    so.refuse_unsupported(body)
+    serving.admit(state, body)
     spec = so.format_spec(body)
     prompt_ids = await serving.prompt_to_ids(request, state, body.prompt)
     compiled = await so.compile_spec(request, state, spec)

@@ -77,9 +77,7 @@ def _fields(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> Any:
-    state.live_engine()  # 503 at once, before any tokenizing, when nothing can be served
-    state.check_model(body.model)
-    so.refuse_unsupported(body)
+    serving.admit(state, body)
     if not body.messages:
         raise bad_request("messages: must contain at least one message", "messages")
     spec = so.format_spec(body)
@@ -196,9 +194,7 @@ async def _chat_stream(
 async def completions(
     body: CompletionRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> Any:
-    state.live_engine()  # 503 at once, before any tokenizing, when nothing can be served
-    state.check_model(body.model)
-    so.refuse_unsupported(body)
+    serving.admit(state, body)
     if body.echo:
         raise bad_request("echo: not supported", "echo")
     spec = so.format_spec(body)

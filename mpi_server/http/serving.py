@@ -16,6 +16,7 @@ from llama_mpi.mpi_server.http.generation import (
     unless_disconnected,
 )
 from llama_mpi.mpi_server.http.limits import check_ids_length, check_text_length
+from llama_mpi.mpi_server.http.protocol import unsupported_fields
 from llama_mpi.mpi_server.http.sampling import build_params, per_choice
 from llama_mpi.mpi_server.http.state import ServerState
 
@@ -61,6 +62,18 @@ async def prompt_to_ids(
     if not ids:
         raise bad_request(f"{param}: must not be empty", param)
     return list(ids)
+
+
+def admit(state: ServerState, body: Any) -> None:
+    """Before any work: 503 if nothing can be served, the model name, and fields that would
+    change the reply but are not implemented here (400 naming them, not silently ignored)."""
+    state.live_engine()
+    state.check_model(getattr(body, "model", None))
+    found = unsupported_fields(body)
+    if found is not None:
+        name, why = found
+        raise bad_request(f"{name}: not supported by this server ({why})", param=name,
+                          code="unsupported_parameter")
 
 
 async def launch(

@@ -60,16 +60,6 @@ def format_spec(body: Any) -> ConstraintSpec | None:
     return specs[0] if specs else None
 
 
-def refuse_unsupported(body: Any) -> None:
-    from llama_mpi.mpi_server.http.protocol import unsupported_fields
-
-    found = unsupported_fields(body)
-    if found is not None:
-        name, why = found
-        raise bad_request(f"{name}: not supported by this server ({why})", param=name,
-                          code="unsupported_parameter")
-
-
 @dataclass
 class ToolPlan:
     """How a chat request uses ``tools``: what the template gets, whether the reply is parsed
