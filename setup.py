@@ -46,6 +46,7 @@ setup(
             "openai",
             "httpx",
             "ruff",
+            "mypy",
         ],
     },
     entry_points={

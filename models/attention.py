@@ -22,7 +22,13 @@ from llama_mpi.models.kv_cache import LatentKVPool
 from llama_mpi.models.latent_attention import RowContexts, available, latent_attention
 from llama_mpi.models.layers import rms_norm
 from llama_mpi.models.rope import apply_rope
-from llama_mpi.models.weight_loader import Weight, WeightPolicy, load_weight, stack_rows
+from llama_mpi.models.weight_loader import (
+    Weight,
+    WeightPolicy,
+    as_dense,
+    load_weight,
+    stack_rows,
+)
 
 
 class MLAttention:
@@ -40,6 +46,10 @@ class MLAttention:
         # v_b [h,Dv,C]; o
         self.w = w
 
+    def dense(self, key: str) -> torch.Tensor:
+        """One of the weights loaded dense: the norms, ``k_b`` and ``v_b``."""
+        return as_dense(self.w[key], key)
+
     @classmethod
     def from_gguf(cls, gf: GGUFFile, cfg: ModelConfig, layer: int, heads: tuple[int, int],
                   absorbed: bool, policy: WeightPolicy) -> MLAttention:
@@ -48,8 +58,10 @@ class MLAttention:
         Dk, Dn, Dv = cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
         w: dict[str, Weight] = {}
 
-        def load(name: str, **kw: object) -> Weight:
-            return load_weight(gf, p + name + ".weight", policy, **kw)  # type: ignore[arg-type]
+        def load(name: str, *, dim: int = 0, start: int | None = None, stop: int | None = None,
+                 expect: tuple[int, ...] | None = None, dense: bool = False) -> Weight:
+            return load_weight(gf, p + name + ".weight", policy, dim=dim, start=start, stop=stop,
+                               expect=expect, dense=dense)
 
         if cfg.q_lora_rank:
             Q = cfg.q_lora_rank
@@ -62,8 +74,8 @@ class MLAttention:
         w["kv_a_norm"] = load("attn_kv_a_norm", expect=(C,), dense=True)
         # k_b / v_b run as batched per-head products: small (~2 MB a layer), kept dense
         if cfg.legacy_kv_b:
-            kv_b = load("attn_kv_b", start=h0 * (Dn + Dv), stop=h1 * (Dn + Dv),
-                        expect=(H * (Dn + Dv), C), dense=True)
+            kv_b = as_dense(load("attn_kv_b", start=h0 * (Dn + Dv), stop=h1 * (Dn + Dv),
+                                 expect=(H * (Dn + Dv), C), dense=True), "attn_kv_b")
             kv_b = kv_b.view(h1 - h0, Dn + Dv, C)
             w["k_b"] = kv_b[:, :Dn].transpose(1, 2).contiguous()
             w["v_b"] = kv_b[:, Dn:].contiguous()
@@ -95,9 +107,9 @@ class MLAttention:
         kv = proj[:, -(C + cfg.qk_rope_head_dim):]
         q = proj[:, : -(C + cfg.qk_rope_head_dim)]
         if "q_b" in w:
-            q = linear(rms_norm(q, w["q_a_norm"], cfg.rms_norm_eps), w["q_b"])
+            q = linear(rms_norm(q, self.dense("q_a_norm"), cfg.rms_norm_eps), w["q_b"])
         q = q.reshape(T, self.n_heads, cfg.qk_head_dim)
-        c_kv = rms_norm(kv[:, :C], w["kv_a_norm"], cfg.rms_norm_eps)
+        c_kv = rms_norm(kv[:, :C], self.dense("kv_a_norm"), cfg.rms_norm_eps)
         # the shared key's rope part rides along with the query heads: one rotation call
         pe = apply_rope(torch.cat([q[..., Dn:], kv[:, None, C:]], dim=1), rot)
         q_nope, q_pe, k_pe = q[..., :Dn], pe[:, :-1], pe[:, -1]
@@ -122,7 +134,8 @@ class MLAttention:
                 continue
             latent = cache[context[b]]
             if absorb[b]:
-                q_abs = batched_linear(q_nope[s:e].transpose(0, 1), w["k_b"]).transpose(0, 1)
+                q_abs = batched_linear(q_nope[s:e].transpose(0, 1), self.dense("k_b"))
+                q_abs = q_abs.transpose(0, 1)
                 out[s:e] = self._absorbed(q_abs, q_pe[s:e], latent)
             else:
                 out[s:e] = self._naive(q_nope[s:e], q_pe[s:e], latent)
@@ -131,10 +144,10 @@ class MLAttention:
     def _absorbed_rows(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                        ctx: RowContexts) -> torch.Tensor:
         """Absorbed attention of any rows of any sequences via the C kernel: [R, h, Dv]."""
-        q_abs = batched_linear(q_nope.transpose(0, 1), self.w["k_b"]).transpose(0, 1)
+        q_abs = batched_linear(q_nope.transpose(0, 1), self.dense("k_b")).transpose(0, 1)
         q = torch.cat([q_abs, q_pe.to(q_abs.dtype)], dim=-1)
         o_lat = latent_attention(q, cache, ctx, self.cfg.kv_lora_rank, self.cfg.softmax_scale)
-        return batched_linear(o_lat.transpose(0, 1), self.w["v_b"]).transpose(0, 1)
+        return batched_linear(o_lat.transpose(0, 1), self.dense("v_b")).transpose(0, 1)
 
     def _scores_softmax(self, scores: torch.Tensor) -> torch.Tensor:
         """Causal softmax over ``[h, q, L]`` scores; the q new tokens are the last of L."""
@@ -153,15 +166,15 @@ class MLAttention:
         scores = torch.mm(qcat, latent.t()).view(h, q, -1)  # [h, q, L]
         probs = self._scores_softmax(scores).to(latent.dtype).view(h * q, -1)
         o_lat = torch.mm(probs, latent[:, :C]).view(h, q, C)
-        o = batched_linear(o_lat, self.w["v_b"])  # [h, q, Dv]
+        o = batched_linear(o_lat, self.dense("v_b"))  # [h, q, Dv]
         return o.transpose(0, 1)
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
                ) -> torch.Tensor:
         C = self.cfg.kv_lora_rank
         c_kv, k_pe = latent[:, :C], latent[:, C:]
-        k_nope = torch.einsum("lc,hcd->hld", c_kv, self.w["k_b"])
-        v_b = self.w["v_b"]  # [h, Dv, C]: one plain matmul over its rows, no weight copy
+        k_nope = torch.einsum("lc,hcd->hld", c_kv, self.dense("k_b"))
+        v_b = self.dense("v_b")  # [h, Dv, C]: one plain matmul over its rows, no weight copy
         v = F.linear(c_kv, v_b.reshape(-1, C)).view(c_kv.shape[0], v_b.shape[0], -1)
         v = v.transpose(0, 1)
         k = torch.cat([k_nope, k_pe.unsqueeze(0).expand(k_nope.shape[0], -1, -1)], dim=-1)

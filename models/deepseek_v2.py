@@ -122,6 +122,10 @@ class DeepseekV2:
                               use_mmap=opts.use_mmap)
         heads = shard.heads(cfg.num_heads)
         blocks = []
+
+        def dense_columns(align: int) -> tuple[int, int]:  # a dense FFN's columns here
+            return shard.columns(cfg.intermediate_size, align=align)
+
         for i in range(cfg.num_layers):
             p = f"blk.{i}."
             attn = MLAttention.from_gguf(gf, cfg, i, heads, opts.absorbed_mla, policy)
@@ -129,10 +133,8 @@ class DeepseekV2:
                 ffn: SwiGLU | MoE = MoE.from_gguf(gf, cfg, i, shard, opts.dispatcher,
                                                   opts.fused_moe, policy)
             else:
-                width = cfg.intermediate_size
-                ffn = SwiGLU.from_gguf(gf, p + "ffn", "", E, width,
-                                       lambda align, w=width: shard.columns(w, align=align),
-                                       policy)
+                ffn = SwiGLU.from_gguf(gf, p + "ffn", "", E, cfg.intermediate_size,
+                                       dense_columns, policy)
             block = Block(cfg, attn, ffn, gf.load(p + "attn_norm.weight", dt, expect=(E,)),
                           gf.load(p + "ffn_norm.weight", dt, expect=(E,)), opts)
             blocks.append(_to_device(block, devices[i]))

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llama_mpi.models.forward_batch import ForwardBatch
-from llama_mpi.models.kernels.cpu_kernels import kernel
+from llama_mpi.models.kernels.cpu_kernels import kernel, require_kernel
 from llama_mpi.models.kernels.quant_backend import NativeCPUBackend
 from llama_mpi.models.kv_cache import LatentKVPool
 from llama_mpi.models.layers import SwiGLU
@@ -84,7 +84,8 @@ class FusedDecoder:
     """Native decode layers for one model; ``None`` from ``build`` where it cannot serve."""
 
     def __init__(self, model: DeepseekV2) -> None:
-        self.model, self.keep = model, []  # keep: tensors whose pointers the structs hold
+        self.model = model
+        self.keep: list[torch.Tensor] = []  # tensors whose pointers the structs hold
         opts = model.opts
         if kernel() is None:
             raise Unsupported("no C kernels here")
@@ -107,7 +108,7 @@ class FusedDecoder:
         # also short multi-token chunks (<= 16 rows, causal per row): off, prefill stays
         # eager (float32 with int8 activations amplifies ulp-level differences there)
         self.chunks = False
-        self.call = kernel().fused_decode_layer
+        self.call = require_kernel().fused_decode_layer
         self.head = _Head(model.cfg.hidden_size, int(self.bf16), model.cfg.rms_norm_eps,
                           self._ptr(model.norm), self._mat(model.head))
         self.head_addr = ctypes.addressof(self.head)
@@ -152,7 +153,8 @@ class FusedDecoder:
         m.p[0].data = t.data_ptr()
         return m
 
-    def _ptr(self, t: torch.Tensor | None, dtype: torch.dtype | None = None) -> int | None:
+    def _ptr(self, t: torch.Tensor | QuantWeight | None, dtype: torch.dtype | None = None
+             ) -> int | None:
         if t is None:
             return None
         if isinstance(t, QuantWeight):
@@ -165,8 +167,11 @@ class FusedDecoder:
     def _dispatch_native(block: Block) -> bool:
         from llama_mpi.moe.dispatcher import LocalDispatcher
         from llama_mpi.moe.ep_dispatchers import AllReduceDispatcher
+        from llama_mpi.moe.moe_layer import MoE
 
-        return isinstance(block.ffn.dispatcher, LocalDispatcher | AllReduceDispatcher)
+        ffn = block.ffn  # asked of MoE layers only
+        return isinstance(ffn, MoE) and isinstance(ffn.dispatcher,
+                                                   LocalDispatcher | AllReduceDispatcher)
 
     def _layer(self, block: Block) -> _Layer:
         from llama_mpi.moe.moe_layer import MoE
@@ -260,9 +265,9 @@ class FusedDecoder:
         in one native call (the weight product with the layers' thread rules)."""
         rows = rows.contiguous()
         out = torch.empty(rows.shape[0], self.head.w.N, dtype=torch.float32)
-        self._check(kernel().fused_decode_head(self.head_addr, x.data_ptr(), rows.data_ptr(),
-                                               rows.shape[0], out.data_ptr(),
-                                               torch.get_num_threads()))
+        self._check(require_kernel().fused_decode_head(self.head_addr, x.data_ptr(),
+                                                       rows.data_ptr(), rows.shape[0],
+                                                       out.data_ptr(), torch.get_num_threads()))
         return out
 
     @staticmethod

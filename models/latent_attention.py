@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llama_mpi.models.kernels.cpu_kernels import kernel
+from llama_mpi.models.kernels.cpu_kernels import kernel, require_kernel
 
 
 @dataclass
@@ -35,7 +35,7 @@ def latent_attention(q: torch.Tensor, latent_pool: torch.Tensor, rows: RowContex
     R, H, D = q.shape
     q = q.contiguous()
     out = torch.empty(R, H, kv_lora_rank, dtype=torch.bfloat16)
-    status = kernel().mla_attention_bf16(
+    status = require_kernel().mla_attention_bf16(
         q.data_ptr(), latent_pool.data_ptr(), rows.slots.data_ptr(), rows.start.data_ptr(),
         rows.length.data_ptr(), out.data_ptr(), R, H, D, kv_lora_rank, scale,
         torch.get_num_threads())

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_mpi.models.gguf.gguf_file import GGUFFile
-from llama_mpi.models.kernels.cpu_kernels import kernel
+from llama_mpi.models.kernels.cpu_kernels import kernel, require_kernel
 from llama_mpi.models.kernels.fast_linear import linear
 from llama_mpi.models.weight_loader import Weight, WeightPolicy, load_weight, stack_rows
 
@@ -20,9 +20,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
             and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
             and weight.is_contiguous() and kernel() is not None):
         y = torch.empty(x.shape, dtype=torch.bfloat16)
-        kernel().rms_norm_bf16(x.data_ptr(), int(x.dtype is torch.bfloat16), x.stride(0),
-                               weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps,
-                               torch.get_num_threads())
+        require_kernel().rms_norm_bf16(x.data_ptr(), int(x.dtype is torch.bfloat16), x.stride(0),
+                                       weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps,
+                                       torch.get_num_threads())
         return y
     xf = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
     return weight * xf.to(weight.dtype)
@@ -34,8 +34,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
             and gate_up.device.type == "cpu" and kernel() is not None):
         rows, width = gate_up.shape[0], gate_up.shape[1] // 2
         y = torch.empty(rows, width, dtype=torch.bfloat16)
-        kernel().silu_mul_bf16(gate_up.data_ptr(), y.data_ptr(), rows, width,
-                               torch.get_num_threads())
+        require_kernel().silu_mul_bf16(gate_up.data_ptr(), y.data_ptr(), rows, width,
+                                       torch.get_num_threads())
         return y
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from gguf import GGMLQuantizationType as QT
@@ -56,16 +57,16 @@ def open_model_file(path: str | Path, group_scoring: str = "auto", use_mmap: boo
 
 
 def load_model(path: str | Path, dtype: str = "auto", group_scoring: str = "auto",
-               use_mmap: bool = True, **options: object) -> DeepseekV2:
+               use_mmap: bool = True, **options: Any) -> DeepseekV2:
     """Load the model (or this rank's shard of it); ``options`` go to ``RuntimeOptions``.
 
     Also tunes this process's host allocator for step-sized temporaries (host_allocator)."""
     t0 = time.perf_counter()
     keep_freed_memory()
     gf, cfg = open_model_file(path, group_scoring, use_mmap)
-    device = torch.device(options.get("device", "cpu"))  # type: ignore[arg-type]
+    device = torch.device(options.get("device", "cpu"))
     opts = RuntimeOptions(dtype=compute_dtype(dtype, gf, cfg, device), use_mmap=use_mmap,
-                          **options)  # type: ignore[arg-type]
+                          **options)
     model = DeepseekV2.from_gguf(gf, cfg, opts)
     log.info("loaded %s (%d layers, %s) in %.2f s", gf.path.name, cfg.num_layers,
              str(opts.dtype).removeprefix("torch."), time.perf_counter() - t0)

@@ -29,7 +29,7 @@ def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
         return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
     low = max(math.floor(correction_dim(cfg.rope_beta_fast)), 0)
-    high = min(math.ceil(correction_dim(cfg.rope_beta_slow)), dim - 1)
+    high: float = min(math.ceil(correction_dim(cfg.rope_beta_slow)), dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)

@@ -82,6 +82,13 @@ def load_weight(gf: GGUFFile, name: str, policy: WeightPolicy, *, dim: int = 0,
     return policy.count(w if policy.use_mmap else w.clone(), mapped=True)
 
 
+def as_dense(w: Weight, name: str) -> torch.Tensor:
+    """``w`` where a tensor is required (a weight loaded with ``dense=True``)."""
+    if isinstance(w, QuantWeight):
+        raise TypeError(f"{name}: quantized where a dense tensor is needed")
+    return w
+
+
 def _dequantized_columns(gf: GGUFFile, name: str, policy: WeightPolicy, lo: int, hi: int,
                          block: int) -> torch.Tensor:
     """Columns ``[lo:hi]`` that cut the file's blocks: correct only dequantized."""
@@ -98,8 +105,9 @@ def stack_rows(gf: GGUFFile, weights: list[Weight], names: list[str], policy: We
     """Weights stacked along their output rows (gate rows, then up rows). Quantized parts
     are stacked without a copy; dense ones are concatenated and their file pages released,
     so the copy is not counted twice in RSS."""
-    if all(isinstance(w, QuantWeight) for w in weights):
-        return QuantWeight.concat(weights, "|".join(names))  # type: ignore[arg-type]
+    quantized = [w for w in weights if isinstance(w, QuantWeight)]
+    if len(quantized) == len(weights):
+        return QuantWeight.concat(quantized, "|".join(names))
     dense = [w.dequantize(policy.dtype) if isinstance(w, QuantWeight) else w for w in weights]
     out = torch.cat(dense, dim=-2)
     for w, n in zip(weights, names, strict=True):  # the parts were counted at their load

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llama_mpi.models.kernels.cpu_kernels import kernel
+from llama_mpi.models.kernels.cpu_kernels import kernel, require_kernel
 
 
 def weighted_scatter_add(out: torch.Tensor, rows: torch.Tensor, y: torch.Tensor,
@@ -20,8 +20,8 @@ def weighted_scatter_add(out: torch.Tensor, rows: torch.Tensor, y: torch.Tensor,
         y = y.contiguous()
         rows = rows.to(torch.int64).contiguous()
         weights = weights.to(torch.float32).contiguous()
-        kernel().weighted_scatter_add_bf16(out.data_ptr(), y.data_ptr(), rows.data_ptr(),
-                                           weights.data_ptr(), y.shape[0], y.shape[1],
-                                           torch.get_num_threads())
+        require_kernel().weighted_scatter_add_bf16(out.data_ptr(), y.data_ptr(), rows.data_ptr(),
+                                                   weights.data_ptr(), y.shape[0], y.shape[1],
+                                                   torch.get_num_threads())
         return out
     return out.index_add_(0, rows, y.float() * weights[:, None])

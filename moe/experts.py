@@ -113,10 +113,10 @@ class FusedExperts(Experts):
         if y is None:  # no kernel: each expert over its rows, in the same order
             y = torch.cat([self.expert(part, e)
                            for part, e in zip(xs.split(counts), experts, strict=True)])
-        ws = torch.tensor([w for e in experts for w in groups[e][1]], dtype=torch.float32,
-                          device=x.device)
+        weights = torch.tensor([w for e in experts for w in groups[e][1]], dtype=torch.float32,
+                               device=x.device)
         idx = torch.tensor(toks, dtype=torch.int64, device=x.device)
-        return weighted_scatter_add(out, idx, y, ws)
+        return weighted_scatter_add(out, idx, y, weights)
 
     def _grouped(self, xs: torch.Tensor, experts: list[int], counts: list[int]
                  ) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,9 @@ from llama_mpi.mpi_server.engine.engine import Engine, EngineConfig
 from llama_mpi.mpi_server.engine.executor import ModelExecutor
 from llama_mpi.mpi_server.engine.local_executor import LocalExecutor
 from llama_mpi.mpi_server.settings import engine_options, model_options
+
+if TYPE_CHECKING:  # at run time imported in ChatEncoder, as compiler_for is
+    from llama_mpi.mpi_server.structured.compiler import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,7 @@ class ChatEncoder:
 
         self.tokenizer, self.template = tokenizer, template
         self.tool_syntax = detect_tool_syntax(template.source)
+        self.compiler: GrammarCompiler | None
         try:
             self.compiler = compiler_for(tokenizer)  # builds the grammar vocabulary now, once
         except ValueError as exc:  # a vocabulary without EOS: constraints could never end

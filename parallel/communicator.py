@@ -151,7 +151,8 @@ class SingleProcessCommunicator(Communicator):
 def default_kind(device: torch.device | str) -> CommKind:
     """cpu -> mpi, cuda -> nccl, npu -> hccl."""
     dev_type = torch.device(device).type
-    return {"cuda": "nccl", "npu": "hccl"}.get(dev_type, "mpi")
+    kinds: dict[str, CommKind] = {"cuda": "nccl", "npu": "hccl"}
+    return kinds.get(dev_type, "mpi")
 
 
 def make_communicator(

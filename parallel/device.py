@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import Any, cast
 
 import torch
 
@@ -42,7 +43,8 @@ def auto_device_type() -> str:
 def device_count(dev_type: str) -> int:
     if dev_type == "npu":
         import_torch_npu()
-        return torch.npu.device_count() if torch.npu.is_available() else 0
+        npu = cast(Any, torch).npu  # registered on torch by torch_npu at import, not typed
+        return npu.device_count() if npu.is_available() else 0
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 

@@ -13,6 +13,7 @@ import argparse
 import copy
 import os
 from pathlib import Path
+from typing import Any
 
 from .builtin_vocab import builtin_vocab, vocab_from_gguf
 from .hf_to_gguf import FTYPES, LAYOUTS, convert
@@ -21,7 +22,7 @@ from .random_weights import random_weights
 YARN_V2 = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
            "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}
 # DeepSeek-V2-Lite config.json (reference doc section 1)
-V2_LITE: dict[str, object] = {
+V2_LITE: dict[str, Any] = {
     "hidden_size": 2048, "num_hidden_layers": 27, "intermediate_size": 10944,
     "moe_intermediate_size": 1408, "num_attention_heads": 16, "num_key_value_heads": 16,
     "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
@@ -35,7 +36,7 @@ V2_LITE: dict[str, object] = {
 YARN_SMALL = {**YARN_V2, "factor": 4.0, "original_max_position_embeddings": 1024}
 _SMALL = {"max_position_embeddings": 4096, "rope_scaling": YARN_SMALL, "qk_rope_head_dim": 16,
           "qk_nope_head_dim": 32, "v_head_dim": 32, "kv_lora_rank": 64}
-PRESETS: dict[str, dict[str, object]] = {
+PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {**V2_LITE, **_SMALL, "hidden_size": 256, "num_hidden_layers": 4,
              "intermediate_size": 512, "moe_intermediate_size": 128, "num_attention_heads": 8,
              "num_key_value_heads": 8, "n_routed_experts": 16, "num_experts_per_tok": 4,
@@ -56,7 +57,7 @@ PRESETS: dict[str, dict[str, object]] = {
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama-mpi"
 
 
-def preset_config(name: str = "tiny", **overrides: object) -> dict[str, object]:
+def preset_config(name: str = "tiny", **overrides: object) -> dict[str, Any]:
     """HF DeepseekV2Config-style dict for a preset, with field overrides applied."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")

@@ -12,6 +12,7 @@ import os
 import re
 from collections import Counter
 from functools import lru_cache
+from typing import Any
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -113,7 +114,7 @@ def _apply(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def builtin_vocab(vocab_size: int = 1024, n_merges: int = 400) -> dict[str, object]:
+def builtin_vocab(vocab_size: int = 1024, n_merges: int = 400) -> dict[str, Any]:
     """Tokenizer metadata for a model with `vocab_size` rows (>= 258)."""
     if vocab_size < 258:
         raise ValueError("vocab_size must hold 256 byte tokens plus BOS and EOS")
@@ -142,7 +143,7 @@ def builtin_vocab(vocab_size: int = 1024, n_merges: int = 400) -> dict[str, obje
 
 
 def vocab_from_gguf(path: str | os.PathLike, *, default_chat_template: str | None = CHAT_TEMPLATE
-                    ) -> dict[str, object]:
+                    ) -> dict[str, Any]:
     """All `tokenizer.*` fields of a GGUF (e.g. a vocab-only file) as Python values.
 
     Vocab-only files from llama.cpp carry no chat template; `default_chat_template` fills it in

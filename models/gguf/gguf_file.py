@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import os
 import struct
 import warnings
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ class _Cursor:
 class GGUFFile:
     """Opens ``path`` read-only and memory-maps it; nothing is read until a tensor is loaded."""
 
-    def __init__(self, path: str | Path, use_mmap: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], use_mmap: bool = True) -> None:
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:
@@ -295,6 +296,6 @@ class GGUFFile:
         return out
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Only the key/value metadata of a GGUF file (fast, even for a 100k-token vocabulary)."""
     return GGUFFile(path).metadata

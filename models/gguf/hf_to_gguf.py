@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -28,16 +29,17 @@ FT = gguf.LlamaFileType
 FTYPES: dict[str, tuple[QT, FT]] = FILE_TYPES
 LAYOUTS = ("mla", "legacy")
 TensorSource = Mapping[str, torch.Tensor] | Callable[[], Iterable[tuple[str, torch.Tensor]]]
+HFConfig = Mapping[str, Any]  # config.json: JSON values, read by key
 
 
-def rope_params(config: Mapping[str, object]) -> dict:
+def rope_params(config: HFConfig) -> dict:
     """Rope settings live in `rope_scaling` (config.json, transformers 4.x) or `rope_parameters`."""
     params = dict(config.get("rope_scaling") or {})
     params.update(config.get("rope_parameters") or {})
     return params
 
 
-def _write_metadata(w: gguf.GGUFWriter, cfg: Mapping, layout: str, ftype: FT, name: str) -> None:
+def _write_metadata(w: gguf.GGUFWriter, cfg: HFConfig, layout: str, ftype: FT, name: str) -> None:
     """The keys (and value types) llama.cpp's converter writes; `layout` picks old vs new MLA."""
     mla = layout == "mla"
     heads, kv_lora = cfg["num_attention_heads"], cfg["kv_lora_rank"]
@@ -113,8 +115,10 @@ def _write_vocab(w: gguf.GGUFWriter, vocab: Mapping[str, object]) -> None:
             w.add_float32(key, val)
         elif isinstance(val, str):
             w.add_string(key, val)
-        else:
+        elif isinstance(val, Iterable):
             w.add_array(key, list(val))
+        else:
+            raise TypeError(f"{key}: cannot write a {type(val).__name__} to GGUF")
 
 
 @dataclass
@@ -128,7 +132,7 @@ class _Out:
     qtype: QT = QT.F32
 
 
-def _plan(cfg: Mapping, names: set[str], layout: str) -> list[_Out]:
+def _plan(cfg: HFConfig, names: set[str], layout: str) -> list[_Out]:
     """GGUF tensors in write order, derived from the config and the HF names present."""
     e, heads, vocab = cfg["hidden_size"], cfg["num_attention_heads"], cfg["vocab_size"]
     dn, dr, dv = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
@@ -195,7 +199,7 @@ def _expert_outs(m: str, b: str, x: int, fe: int, e: int, names: set[str]) -> li
             _Out(f"{b}.ffn_down_exps.weight", (x, e, fe), per["down"])]
 
 
-def _tensor_qtypes(outs: list[_Out], cfg: Mapping, ftype: str) -> dict[str, QT]:
+def _tensor_qtypes(outs: list[_Out], cfg: HFConfig, ftype: str) -> dict[str, QT]:
     """1-D, *_norm, ffn_gate_inp, non-.weight stay F32; the rest as llama-quantize picks."""
     return plan_types(((o.name, o.shape) for o in outs), ftype, cfg["num_hidden_layers"],
                       cfg["n_routed_experts"])
@@ -216,13 +220,20 @@ class _Fetcher:
     """Name -> tensor over a Mapping, or over a callable's iterator read ahead into a buffer."""
 
     def __init__(self, src: TensorSource, needs: Counter[str]) -> None:
-        self._map = src if isinstance(src, Mapping) else None
-        self._factory = None if self._map is not None else src
-        self._needs, self._buf, self._it = needs, {}, None
+        self._map: Mapping[str, torch.Tensor] | None = None
+        self._factory: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None
+        if isinstance(src, Mapping):
+            self._map = src
+        else:
+            self._factory = src
+        self._needs = needs
+        self._buf: dict[str, torch.Tensor] = {}
+        self._it: Iterator[tuple[str, torch.Tensor]] | None = None
 
     def names(self) -> list[str]:
         if self._map is not None:
             return list(self._map.keys())
+        assert self._factory is not None  # one of the two is set
         return [n for n, _ in self._factory()]  # names-only pass; tensors dropped at once
 
     def get(self, name: str) -> torch.Tensor:
@@ -230,6 +241,7 @@ class _Fetcher:
         if self._map is not None:
             return self._map[name]
         if name not in self._buf:
+            assert self._factory is not None
             self._it = self._it or iter(self._factory())
             for n, t in self._it:
                 if n == name or self._needs.get(n, 0) > 0:
@@ -260,7 +272,7 @@ def _materialize(out: _Out, fetch: _Fetcher) -> np.ndarray:
     return data
 
 
-def convert(state_dict: TensorSource, config: Mapping[str, object], out_path: str | os.PathLike,
+def convert(state_dict: TensorSource, config: HFConfig, out_path: str | os.PathLike,
             *, ftype: str = "f32", layout: str = "mla", vocab: Mapping[str, object] | None = None,
             name: str = "DeepSeek-V2") -> Path:
     """Write `state_dict` (HF names) + HF DeepseekV2 `config` as a llama.cpp `deepseek2` GGUF.

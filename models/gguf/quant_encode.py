@@ -93,7 +93,7 @@ def _fit_scale_min(xt: np.ndarray, nmax: int, rmin: float, rdelta: float,
     mx = np.where(flat, mn + 1, mx)  # any range: flat groups keep scale 0 below
     lev = np.empty_like(xt)
     scale, the_min = (mx - mn) / np.float32(nmax), mn.copy()
-    best = None
+    best: np.ndarray | None = None
     # step None is the starting point: plain min/max scaling, no refit; then as in llama.cpp
     # each candidate levels the values against the best offset found so far
     for step in (None, *steps):
@@ -114,6 +114,7 @@ def _fit_scale_min(xt: np.ndarray, nmax: int, rmin: float, rdelta: float,
         pos = m > 0  # a positive offset is clamped to zero and the scale refit alone
         s[pos], m[pos] = sxl[pos] / sl2[pos], 0
         err = _wsse(s, m, sw, swx, swx2, sl, sl2, sxl)
+        assert best is not None  # set by the first step
         better = ok & (err < best)
         best[better], scale[better], the_min[better] = err[better], s[better], m[better]
     scale[flat] = 0
@@ -171,7 +172,8 @@ def _fit_symmetric(xt: np.ndarray, steps: tuple[int, ...]) -> np.ndarray:
     w = xt * xt
     wx = w * xt
     lev = np.empty_like(xt)
-    scale = best = None
+    scale: np.ndarray | None = None
+    best: np.ndarray | None = None
     for step in (0, *steps):
         np.multiply(xt, (inv * np.float32((32 + 0.1 * step) / 32)).astype(np.float32), out=lev)
         np.clip(np.rint(lev, out=lev), -32, 31, out=lev)
@@ -180,8 +182,10 @@ def _fit_symmetric(xt: np.ndarray, steps: tuple[int, ...]) -> np.ndarray:
         if scale is None:
             scale, best = s, s * slx
             continue
+        assert best is not None
         better = (sl2 > 0) & (slx * slx > best * sl2)
         scale[better], best[better] = s[better], (s * slx)[better]
+    assert scale is not None  # the first step always runs
     scale[zero] = 0
     return scale.astype(np.float32)
 

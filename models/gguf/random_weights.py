@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ def _norm(n: int) -> WeightSpec:
     return WeightSpec((n,), "norm")
 
 
-def hf_weight_specs(config: Mapping[str, object]) -> dict[str, WeightSpec]:
+def hf_weight_specs(config: Mapping[str, Any]) -> dict[str, WeightSpec]:
     """All HF checkpoint tensors of a DeepseekV2ForCausalLM, per-expert names, in model order."""
     e, heads, vocab = config["hidden_size"], config["num_attention_heads"], config["vocab_size"]
     dn, dr, dv = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
@@ -107,7 +108,7 @@ def random_tensor(spec: WeightSpec, seed: int, name: str) -> torch.Tensor:
 class RandomWeights(Mapping[str, torch.Tensor]):
     """Lazy read-only mapping HF name -> random tensor; each lookup generates afresh."""
 
-    def __init__(self, config: Mapping[str, object], seed: int = 0) -> None:
+    def __init__(self, config: Mapping[str, Any], seed: int = 0) -> None:
         self.specs = hf_weight_specs(config)
         self.seed = seed
 
@@ -121,6 +122,6 @@ class RandomWeights(Mapping[str, torch.Tensor]):
         return len(self.specs)
 
 
-def random_weights(config: Mapping[str, object], seed: int = 0) -> RandomWeights:
+def random_weights(config: Mapping[str, Any], seed: int = 0) -> RandomWeights:
     """Deterministic random weights for `config` (HF DeepseekV2Config field names)."""
     return RandomWeights(config, seed)

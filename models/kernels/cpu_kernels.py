@@ -116,3 +116,11 @@ def kernel() -> ctypes.CDLL | None:
             log.warning("C kernels unavailable (%s); using torch", e)
             _LIB = None
     return _LIB
+
+
+def require_kernel() -> ctypes.CDLL:
+    """The kernel library, for a caller that has already seen ``kernel()`` is not None."""
+    lib = kernel()
+    if lib is None:
+        raise RuntimeError("C kernels are unavailable here; check kernel() before calling")
+    return lib

@@ -14,7 +14,7 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from llama_mpi.models.kernels.cpu_kernels import kernel
+from llama_mpi.models.kernels.cpu_kernels import kernel, require_kernel
 from llama_mpi.models.quant_weight import QuantWeight
 
 MAX_ROWS = 16  # the kernel's limit; it outpaces torch at every row count up to here (measured)
@@ -34,8 +34,8 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight) -> torch.Tensor:
         x = x.contiguous()
         m, (n, k) = x.shape[0], w.shape
         y = torch.empty(m, n, dtype=torch.bfloat16)
-        kernel().skinny_bf16_matmul(w.data_ptr(), x.data_ptr(), y.data_ptr(), m, n, k,
-                                    torch.get_num_threads())
+        require_kernel().skinny_bf16_matmul(w.data_ptr(), x.data_ptr(), y.data_ptr(), m, n, k,
+                                            torch.get_num_threads())
         return y
     return F.linear(x, w)
 
@@ -46,8 +46,8 @@ def batched_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         (b, m, _), n, k = x.shape, w.shape[1], w.shape[2]
         y = torch.empty(b, m, n, dtype=torch.bfloat16)
-        kernel().batched_skinny_bf16_matmul(w.data_ptr(), x.data_ptr(), y.data_ptr(), b, m, n,
-                                            k, torch.get_num_threads())
+        require_kernel().batched_skinny_bf16_matmul(w.data_ptr(), x.data_ptr(), y.data_ptr(),
+                                                    b, m, n, k, torch.get_num_threads())
         return y
     return torch.bmm(x, w.transpose(1, 2))
 
@@ -73,7 +73,7 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor | QuantWeight, idx: list[int
     ids = torch.tensor(idx, dtype=torch.int64)
     starts = torch.tensor([0, *accumulate(counts)], dtype=torch.int64)
     y = torch.empty(x.shape[0], w.shape[1], dtype=torch.bfloat16)
-    kernel().grouped_bf16_matmul(w.data_ptr(), ids.data_ptr(), starts.data_ptr(),
-                                 x.data_ptr(), y.data_ptr(), len(counts), w.shape[1],
-                                 w.shape[2], torch.get_num_threads())
+    require_kernel().grouped_bf16_matmul(w.data_ptr(), ids.data_ptr(), starts.data_ptr(),
+                                         x.data_ptr(), y.data_ptr(), len(counts), w.shape[1],
+                                         w.shape[2], torch.get_num_threads())
     return y

@@ -29,9 +29,9 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from functools import wraps
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 from jinja2 import nodes, pass_context
@@ -139,13 +139,13 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     code_generator_class = _BoundedCodeGenerator
     intercepted_binops = frozenset({"*", "**", "+", "%"})
 
-    def __init__(self, max_chars: int, filters: Mapping[str, Callable[..., Any]] = (),
-                 globals: Mapping[str, Any] = (), **options: Any) -> None:
+    def __init__(self, max_chars: int, filters: Mapping[str, Callable[..., Any]] | None = None,
+                 globals: Mapping[str, Any] | None = None, **options: Any) -> None:
         super().__init__(loader=_RefusingLoader(), **options)
         self.max_chars = max_chars
         self.deadline = _Deadline()
-        self.filters.update(filters)
-        self.globals.update(globals)
+        self.filters.update(filters or {})
+        self.globals.update(globals or {})
         self.filters.update({k: self._guard_filter(k, f) for k, f in self.filters.items()})
         self.filters[_LOOP_GUARD] = self._loop_guard()
 
@@ -273,7 +273,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         self.refuse(sum(map(_size, parts)), "'~'")
         return self.checked(join(parts), "'~'")
 
-    def concat(self, parts: Iterable[str]) -> str:  # type: ignore[override]
+    def concat(self, parts: Iterable[str]) -> str:
         # block `set`, `filter` blocks and macro bodies join their output here
         parts = parts if isinstance(parts, list) else list(parts)
         self.refuse(sum(map(len, parts)), "block")
@@ -316,7 +316,8 @@ def render_bounded(template: jinja2.Template, context: dict[str, Any], timeout_s
     deadline.at, deadline.timeout_s = time.monotonic() + timeout_s, timeout_s
     chunks: list[str] = []
     total = 0
-    stream = template.generate(context)
+    # a generator (annotated as an Iterator): closing it stops the render at once
+    stream = cast(Generator[str, None, None], template.generate(context))
     try:
         for chunk in stream:
             total += len(chunk)

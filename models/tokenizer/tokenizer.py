@@ -12,8 +12,9 @@ import re
 import threading
 from collections.abc import Iterable, Sequence
 from os import PathLike
+from typing import Any
 
-from tokenizers import AddedToken, decoders, models
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from llama_mpi.models.gguf.gguf_file import read_metadata
@@ -28,9 +29,11 @@ from .detokenizer import (
 from .pretokenizers import build_pre_tokenizer
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
+# decoded GGUF values by key (str, int, float, bool, or lists of them), as read_metadata gives
+Fields = dict[str, Any]
 
 
-def read_tokenizer_fields(path: str | PathLike[str]) -> dict[str, object]:
+def read_tokenizer_fields(path: str | PathLike[str]) -> Fields:
     """The `tokenizer.*` key/values of a GGUF file (without reading any tensor data)."""
     return {k: v for k, v in read_metadata(path).items() if k.startswith("tokenizer.")}
 
@@ -38,7 +41,7 @@ def read_tokenizer_fields(path: str | PathLike[str]) -> dict[str, object]:
 class Tokenizer:
     """A GGUF vocabulary: `encode`/`decode` identical to llama.cpp's tokenizer."""
 
-    def __init__(self, fields: dict[str, object], source: str) -> None:
+    def __init__(self, fields: Fields, source: str) -> None:
         model = fields.get("tokenizer.ggml.model")
         if model != "gpt2":
             raise ValueError(f"tokenizer.ggml.model {model!r} in {source}: only 'gpt2' (BPE)")
@@ -70,10 +73,10 @@ class Tokenizer:
         return cls(read_tokenizer_fields(path), str(path))
 
     @classmethod
-    def from_metadata(cls, fields: dict[str, object], source: str = "<metadata>") -> Tokenizer:
+    def from_metadata(cls, fields: Fields, source: str = "<metadata>") -> Tokenizer:
         return cls(fields, source)
 
-    def _special_id(self, fields: dict[str, object], name: str) -> int | None:
+    def _special_id(self, fields: Fields, name: str) -> int | None:
         value = fields.get(f"tokenizer.ggml.{name}_token_id")
         if value is None:
             return None
@@ -81,7 +84,8 @@ class Tokenizer:
             raise ValueError(f"{self.source}: {name}_token_id {value} outside the vocabulary")
         return int(value)
 
-    def _build_backend(self, fields: dict[str, object], pre_tokenizer: object) -> HFTokenizer:
+    def _build_backend(self, fields: Fields, pre_tokenizer: pre_tokenizers.PreTokenizer
+                       ) -> HFTokenizer:
         merges = []
         for m in fields.get("tokenizer.ggml.merges") or []:
             left, sep, right = str(m).partition(" ")
@@ -172,8 +176,8 @@ class Tokenizer:
             raise ValueError(f"token id {token_id} outside the vocabulary of {len(self._tokens)}")
 
 
-def _required(fields: dict[str, object], key: str, source: str) -> list[object]:
+def _required(fields: Fields, key: str, source: str) -> list[object]:
     value = fields.get(key)
     if not value:
         raise ValueError(f"{source} has no {key}")
-    return list(value)  # type: ignore[call-overload]
+    return list(value)

@@ -16,7 +16,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import llguidance
 from llguidance.gbnf_to_lark import gbnf_to_lark
@@ -27,6 +27,9 @@ from .errors import ConstraintError
 from .matcher import GrammarMatcher
 from .spec import ConstraintSpec
 from .vocab import GrammarVocab, eos_key, grammar_vocab
+
+if TYPE_CHECKING:  # a TypedDict of llguidance's stub only, absent at run time
+    from llguidance._lib import JsonCompileOptions
 
 # JSON is written the way json.dumps writes it (", " and ": ", no other whitespace): a model
 # left free to choose whitespace can emit it forever, and this form is what models see most.
@@ -116,8 +119,9 @@ class GrammarCompiler:
     def _to_grammar(self, kind: str, source: str, field: str) -> str:
         try:
             if kind == "json_schema":
-                return llguidance.LLMatcher.grammar_from_json_schema(
-                    source, defaults=self.json_options)
+                # a plain dict: llguidance checks the option names and values itself
+                options = cast("JsonCompileOptions", self.json_options)
+                return llguidance.LLMatcher.grammar_from_json_schema(source, defaults=options)
             if kind == "gbnf":
                 return llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(source))
             if kind == "lark":

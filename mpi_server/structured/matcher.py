@@ -122,10 +122,10 @@ def apply_grammar_masks(logits: torch.Tensor,
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return
-    active = [matchers[i] for i in rows]
+    active = [m for m in matchers if m is not None]  # matchers[i] for i in rows
     words = active[0].vocab.bitmask_words
     bitmask = torch.empty((len(rows), words), dtype=torch.int32)
-    fill_bitmasks(active, bitmask)  # type: ignore[arg-type]
+    fill_bitmasks(active, bitmask)
     forbidden = ~unpack_bitmask(bitmask, logits.shape[1], logits.device)
     if logits.device.type == "cpu" and logits.dtype in _NUMPY_FLOATS and logits.is_contiguous():
         # numpy's masked copy is ~6x faster than torch's CPU masked_fill_ (8 x 102400: 0.1 ms)
