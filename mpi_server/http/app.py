@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from llama_mpi.mpi_server.engine.engine_api import AsyncEngineAPI
@@ -58,6 +59,8 @@ def create_app(
     if reasoning_format not in ("none", "deepseek"):
         raise ValueError(f"reasoning_format: {reasoning_format!r} is not 'none' or 'deepseek'")
     if engine is not None:
+        if chat_to_ids is None:
+            raise ValueError("create_app: an engine needs its chat_to_ids")
         state.attach(engine, tokenizer, chat_to_ids, vocab_size, max_model_len)
         state.ready = True if ready is None else ready
     else:
@@ -75,7 +78,8 @@ def create_app(
     routers = (openai_routes.router, llamacpp_routes.router, lightllm_routes.router)
     for router in routers:
         app.include_router(router)
-    paths = frozenset({"/metrics"} | {r.path for router in routers for r in router.routes})
+    paths = frozenset({"/metrics"} | {r.path for router in routers for r in router.routes
+                                       if isinstance(r, APIRoute)})
 
     @app.get("/metrics")
     async def metrics_endpoint(st: ServerState = Depends(get_state)) -> Response:
