@@ -38,6 +38,16 @@ from jinja2 import nodes, pass_context
 from jinja2.compiler import CodeGenerator, Frame, optimizeconst
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .chat_template_sizes import (
+    BRACE_SPEC,
+    DIGITS,
+    FILTER_SIZE,
+    PERCENT_SPEC,
+    STR_METHOD_SIZE,
+    joined_size,
+    size_of,
+)
+
 DEFAULT_RENDER_TIMEOUT_S = 2.0
 DEFAULT_MAX_OUTPUT_CHARS = 16 * 2**20  # far above any context window's worth of text
 
@@ -45,10 +55,6 @@ _UNSUPPORTED_TAGS: dict[type[nodes.Node], str] = {
     nodes.Include: "include", nodes.Import: "import", nodes.FromImport: "import",
     nodes.Extends: "extends",
 }
-# the widths and precisions of printf-style and str.format-style format strings
-_PERCENT_SPEC = re.compile(r"%%|%(?:\([^)]*\))?[#0 +\-]*(\d*)(?:\.(\d*))?")
-_BRACE_SPEC = re.compile(r"\{[^{}:]*:([^{}]*)\}")
-_DIGITS = re.compile(r"\d+")
 _LOOP_GUARD = "_chat_template_loop_guard"  # the filter every {% for %} iterable goes through
 
 
@@ -79,52 +85,6 @@ class _BoundedCodeGenerator(CodeGenerator):
             self.visit(arg, frame)
             self.write(", ")
         self.write("))")
-
-
-def _size(value: Any) -> int:
-    return len(value) if isinstance(value, (str, bytes, list, tuple, dict)) else 0
-
-
-def _replace_size(s: Any, old: Any, new: Any, count: Any = -1, **_: Any) -> int:
-    if not (isinstance(s, str) and isinstance(old, str) and isinstance(new, str)):
-        return 0
-    n = s.count(old) if old else len(s) + 1
-    if isinstance(count, int) and count >= 0:
-        n = min(n, count)
-    return len(s) + n * (len(new) - len(old))
-
-
-def _joined_size(sep: Any, items: list[Any]) -> int:
-    sep_len = len(sep) if isinstance(sep, str) else 0
-    return sum(map(_size, items)) + sep_len * max(len(items) - 1, 0)
-
-
-def _indent_size(s: Any, width: Any = 4, *_: Any, **__: Any) -> int:
-    if not isinstance(s, str):
-        return 0
-    pad = width if isinstance(width, int) else len(str(width))
-    return len(s) + (s.count("\n") + 1) * pad
-
-
-def _wordwrap_size(s: Any, width: Any = 79, _breaks: Any = True, wrapstring: Any = None,
-                   *_: Any, **__: Any) -> int:
-    if not isinstance(s, str) or not isinstance(width, int) or width <= 0:
-        return 0
-    return len(s) + (len(s) // width + 1) * len(wrapstring if isinstance(wrapstring, str) else "\n")
-
-
-def _expandtabs_size(s: Any, tabsize: Any = 8, **_: Any) -> int:
-    return len(s) + s.count("\t") * tabsize if isinstance(tabsize, int) else 0
-
-
-# Estimated result sizes of the amplifying filters (value first, then the filter's arguments).
-_FILTER_SIZE: dict[str, Callable[..., int]] = {
-    "replace": _replace_size, "indent": _indent_size, "wordwrap": _wordwrap_size,
-}
-# ... and of the amplifying str methods (the string first, then the call's arguments).
-_STR_METHOD_SIZE: dict[str, Callable[..., int]] = {
-    "replace": _replace_size, "expandtabs": _expandtabs_size,
-}
 
 
 class _Deadline(threading.local):
@@ -178,8 +138,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                 f"{self.max_chars} limit (max_output_chars)")
 
     def checked(self, result: Any, what: str) -> Any:
-        if _size(result) > self.max_chars:
-            self.refuse(_size(result), what)
+        if size_of(result) > self.max_chars:
+            self.refuse(size_of(result), what)
         return result
 
     def _check_ints(self, args: Iterable[Any], what: str) -> None:
@@ -192,7 +152,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def _check_format(self, fmt: Any, pattern: re.Pattern[str], what: str) -> None:
         if isinstance(fmt, str) and ("%" in fmt or "{" in fmt):
             specs = "".join(str(g or "") for m in pattern.finditer(fmt) for g in m.groups())
-            self._check_ints(map(int, _DIGITS.findall(specs)), what)
+            self._check_ints(map(int, DIGITS.findall(specs)), what)
 
     # --- where they apply -----------------------------------------------------------------
     def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any,
@@ -204,7 +164,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         what = f"'{operator}'"
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
-                if isinstance(n, int) and _size(seq):
+                if isinstance(n, int) and size_of(seq):
                     self.refuse(len(seq) * n, what)
             if isinstance(left, int) and isinstance(right, int):  # a number's bytes
                 self.refuse((left.bit_length() + right.bit_length()) // 8, what)
@@ -212,9 +172,9 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
                 self.refuse(left.bit_length() * right // 8, what)
         elif operator == "+":
-            self.refuse(_size(left) + _size(right), what)
+            self.refuse(size_of(left) + size_of(right), what)
         elif operator == "%" and isinstance(left, str):
-            self._check_format(left, _PERCENT_SPEC, what)
+            self._check_format(left, PERCENT_SPEC, what)
             self._check_ints(right if isinstance(right, tuple) else (right,), what)
         return self.checked(super().call_binop(context, operator, left, right), what)
 
@@ -229,10 +189,10 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         if isinstance(owner, str):
             if name == "join" and len(args) == 1 and not own:
                 items = list(args[0])
-                __self.refuse(_joined_size(owner, items), "join()")
+                __self.refuse(joined_size(owner, items), "join()")
                 args = (items,)
-            elif name in _STR_METHOD_SIZE:
-                __self.refuse(_STR_METHOD_SIZE[name](owner, *args, **own), f"{name}()")
+            elif name in STR_METHOD_SIZE:
+                __self.refuse(STR_METHOD_SIZE[name](owner, *args, **own), f"{name}()")
         return __self.checked(super().call(__context, __obj, *args, **kwargs), name)
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
@@ -240,7 +200,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         if wrapper is None:
             return None
         what = f"{value.__name__}()"
-        self._check_format(value.__self__, _BRACE_SPEC, what)
+        self._check_format(value.__self__, BRACE_SPEC, what)
 
         @wraps(wrapper)
         def checked_format(*args: Any, **kwargs: Any) -> str:
@@ -250,17 +210,17 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def _guard_filter(self, name: str, func: Callable[..., Any]) -> Callable[..., Any]:
         skip = 1 if getattr(func, "jinja_pass_arg", None) is not None else 0  # a context arg
-        size, what = _FILTER_SIZE.get(name), f"filter {name!r}"
+        size, what = FILTER_SIZE.get(name), f"filter {name!r}"
 
         @wraps(func)
         def guarded(*args: Any, **kwargs: Any) -> Any:
             value, params = args[skip] if len(args) > skip else None, args[skip + 1:]
             self._check_ints((*params, *kwargs.values()), what)
             if name == "format":
-                self._check_format(value, _PERCENT_SPEC, what)
+                self._check_format(value, PERCENT_SPEC, what)
             elif name == "join" and value is not None:
                 items = list(value)
-                self.refuse(_joined_size(params[0] if params else kwargs.get("d", ""), items),
+                self.refuse(joined_size(params[0] if params else kwargs.get("d", ""), items),
                             what)
                 args = (*args[:skip], items, *params)
             elif size is not None:
@@ -270,7 +230,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         return guarded
 
     def bounded_join(self, join: Callable[[Iterable[Any]], str], parts: tuple[Any, ...]) -> str:
-        self.refuse(sum(map(_size, parts)), "'~'")
+        self.refuse(sum(map(size_of, parts)), "'~'")
         return self.checked(join(parts), "'~'")
 
     def concat(self, parts: Iterable[str]) -> str:
