@@ -23,7 +23,6 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 # Paths are module constants so tests can point them at a fake tree.
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 PROC_MEMINFO = Path("/proc/meminfo")
-PROC_SELF_STATUS = Path("/proc/self/status")
 CGROUP_ROOT = Path("/sys/fs/cgroup")  # v2 here (unified) or in ./unified (hybrid); v1 in ./memory
 ENV_LIMIT = "LLAMA_MPI_MEMORY_LIMIT"  # bytes, or with a binary suffix: 512M, 21G, 1.5GiB
 
@@ -84,7 +83,7 @@ def _read_int(path: Path) -> int | None:
     return int(text)
 
 
-def _stat(path: Path) -> dict[str, int]:
+def read_stat(path: Path) -> dict[str, int]:
     """A 'key value' file (memory.stat, /proc/meminfo without the kB) as a dict."""
     out: dict[str, int] = {}
     for line in (_read(path) or "").splitlines():
@@ -152,7 +151,7 @@ def _cgroup_bounds() -> list[_Bound]:
             usage = _read_int(d / "memory.current")
             if usage is None:
                 continue
-            used = _in_use(usage, _stat(d / "memory.stat"), v1=False)
+            used = _in_use(usage, read_stat(d / "memory.stat"), v1=False)
             # memory.high is a soft limit, but above it the kernel throttles and reclaims hard:
             # for a model server that is as bad as the hard limit.
             for name in ("memory.max", "memory.high"):
@@ -166,7 +165,7 @@ def _cgroup_bounds() -> list[_Bound]:
                             _read_int(d / "memory.usage_in_bytes"))
             if limit is None or usage is None or limit >= _V1_UNLIMITED:
                 continue
-            used = _in_use(usage, _stat(d / "memory.stat"), v1=True)
+            used = _in_use(usage, read_stat(d / "memory.stat"), v1=True)
             source = f"cgroup v1 memory.limit_in_bytes {gib(limit)} of {d}, {gib(used)} in use"
             bounds.append(_Bound(max(0, limit - used), source))
     return bounds
@@ -181,7 +180,7 @@ def _system_bound() -> _Bound:
     as in the cgroup case. Shmem is part of Mapped when mapped but not part of MemAvailable, so
     only Mapped - Shmem is taken off (an underestimate of mapped file pages, never a double count).
     """
-    info = _stat(PROC_MEMINFO)
+    info = read_stat(PROC_MEMINFO)
     if "MemAvailable" in info:
         mapped_files = max(0, info.get("Mapped", 0) - info.get("Shmem", 0)) * KiB
         avail = max(0, info["MemAvailable"] * KiB - mapped_files)
@@ -282,27 +281,3 @@ def ensure_fits(estimate: MemoryEstimate, path: str | os.PathLike) -> tuple[int,
     limit, source = memory_limit()
     estimate.check(limit, source, path)
     return limit, source
-
-
-# --- what this process uses --------------------------------------------------------------------
-
-
-_STATUS_KEYS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
-
-
-def resident_bytes() -> dict[str, int]:
-    """This process's resident memory from /proc/self/status, in bytes: VmRSS (= RssAnon +
-    RssFile + RssShmem), VmHWM (peak RSS). Keys the kernel does not give are left out."""
-    status = _stat(PROC_SELF_STATUS)
-    return {k: status[k] * KiB for k in _STATUS_KEYS if k in status}
-
-
-def describe_resident() -> str:
-    """'RSS 10.3 GiB (anon 614 MiB, file 9.7 GiB), peak 10.4 GiB' for the load log."""
-    r = resident_bytes()
-    if "VmRSS" not in r:
-        return "RSS unknown"
-    parts = [f"{label} {gib(r[k])}" for label, k in (("anon", "RssAnon"), ("file", "RssFile"),
-                                                     ("shmem", "RssShmem")) if r.get(k)]
-    text = f"RSS {gib(r['VmRSS'])}" + (f" ({', '.join(parts)})" if parts else "")
-    return text + (f", peak {gib(r['VmHWM'])}" if "VmHWM" in r else "")

@@ -83,7 +83,8 @@ def check_memory(config: ServerConfig, device: torch.device, tp: int = 1, ep: in
 
 
 def log_resident(model: Any) -> None:
-    from llama_mpi.models.memory_budget import describe_resident, gib
+    from llama_mpi.models.memory_budget import gib
+    from llama_mpi.models.memory_resident import describe_resident
 
     policy = model.policy
     log.info("weights: %s mapped from the file, %s copied; %s", gib(policy.mapped_bytes),

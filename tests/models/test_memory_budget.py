@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from llama_mpi.models import memory_budget as mb
+from llama_mpi.models import memory_resident as mr
 from llama_mpi.models.memory_budget import GiB, MemoryBudgetError, MemoryEstimate, MiB
 
 from .. import cgroup_util
@@ -237,19 +238,19 @@ def test_ensure_fits_uses_the_limit(monkeypatch):
 
 
 def test_resident_bytes_of_this_process():
-    r = mb.resident_bytes()
+    r = mr.resident_bytes()
     assert {"VmRSS", "RssAnon", "RssFile", "VmHWM"} <= r.keys()
     assert r["VmRSS"] >= r["RssAnon"] > 0 and r["VmHWM"] >= r["VmRSS"] - 1 * MiB
-    assert mb.describe_resident().startswith("RSS ")
+    assert mr.describe_resident().startswith("RSS ")
 
 
 def test_resident_bytes_parses_status(monkeypatch, tmp_path):
     (tmp_path / "status").write_text("Name:\tpython\nVmHWM:\t  2097152 kB\nVmRSS:\t  1048576 kB\n"
                                      "RssAnon:\t   524288 kB\nRssFile:\t   524288 kB\n")
-    monkeypatch.setattr(mb, "PROC_SELF_STATUS", tmp_path / "status")
-    assert mb.resident_bytes() == {"VmRSS": GiB, "RssAnon": GiB // 2, "RssFile": GiB // 2,
+    monkeypatch.setattr(mr, "PROC_SELF_STATUS", tmp_path / "status")
+    assert mr.resident_bytes() == {"VmRSS": GiB, "RssAnon": GiB // 2, "RssFile": GiB // 2,
                                    "VmHWM": 2 * GiB}
-    assert mb.describe_resident() == "RSS 1.0 GiB (anon 512 MiB, file 512 MiB), peak 2.0 GiB"
+    assert mr.describe_resident() == "RSS 1.0 GiB (anon 512 MiB, file 512 MiB), peak 2.0 GiB"
 
 
 # --- a real cgroup -----------------------------------------------------------------------------
