@@ -3,8 +3,10 @@
 The sources next to this file (``bf16_gemv.c``: skinny bf16 matmuls for decode;
 ``moe_combine.c``: the weighted scatter-add that sums routed-expert outputs;
 ``mla_attention.c``: absorbed MLA attention over the paged latent pool; ``rms_norm.c``;
-``swiglu.c``: the SwiGLU activation; ``quant_matmul.c``: products and row dequantization
-straight from quantized GGUF blocks, with AVX512-VNNI; ``decode_fused.c``: a whole decode
+``swiglu.c``: the SwiGLU activation; ``quant_matmul.c``: products straight from quantized
+GGUF blocks, with AVX512-VNNI, over ``quant_blocks.h`` (block unpacking) and ``quant_acts.h``
+(activation layout); ``quant_rows.c``: activation quantization and row dequantization;
+``decode_fused.c``: a whole decode
 layer in one call, built on the others) are compiled by the system C compiler
 into one shared library under ``~/.cache/llama-mpi/kernels`` (named by a hash of the sources
 and flags, written atomically: ranks may race here), loaded with ctypes and run on torch's own
@@ -28,9 +30,10 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(n) for n in ("bf16_gemv.c", "moe_combine.c",
                                                  "mla_attention.c", "rms_norm.c",
                                                  "swiglu.c", "quant_matmul.c",
-                                                 "decode_fused.c")]
+                                                 "quant_rows.c", "decode_fused.c")]
 CACHE = Path(os.environ.get("LLAMA_MPI_KERNEL_CACHE", "~/.cache/llama-mpi/kernels")).expanduser()
-HEADERS = [Path(__file__).with_name("kernel_util.h")]  # included by the sources
+HEADERS = [Path(__file__).with_name(n)  # included by the sources
+           for n in ("kernel_util.h", "quant_blocks.h", "quant_acts.h")]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c",
           "-fopenmp", "-shared", "-fPIC"]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
