@@ -6,8 +6,8 @@ The sources next to this file (``bf16_gemv.c``: skinny bf16 matmuls for decode;
 ``swiglu.c``: the SwiGLU activation; ``quant_matmul.c``: products straight from quantized
 GGUF blocks, with AVX512-VNNI, over ``quant_blocks.h`` (block unpacking) and ``quant_acts.h``
 (activation layout); ``quant_rows.c``: activation quantization and row dequantization;
-``decode_fused.c``: a whole decode
-layer in one call, built on the others) are compiled by the system C compiler
+``decode_fused.c``: a whole decode layer in one call, built on the others, with its private
+``decode_fused_*.h`` parts) are compiled by the system C compiler
 into one shared library under ``~/.cache/llama-mpi/kernels`` (named by a hash of the sources
 and flags, written atomically: ranks may race here), loaded with ctypes and run on torch's own
 OpenMP threads. Without a compiler, without AVX512-BF16 and AVX512-VNNI, or with
@@ -33,7 +33,8 @@ SOURCES = [Path(__file__).with_name(n) for n in ("bf16_gemv.c", "moe_combine.c",
                                                  "quant_rows.c", "decode_fused.c")]
 CACHE = Path(os.environ.get("LLAMA_MPI_KERNEL_CACHE", "~/.cache/llama-mpi/kernels")).expanduser()
 HEADERS = [Path(__file__).with_name(n)  # included by the sources
-           for n in ("kernel_util.h", "quant_blocks.h", "quant_acts.h")]
+           for n in ("kernel_util.h", "quant_blocks.h", "quant_acts.h", "decode_fused_types.h",
+                     "decode_fused_ops.h", "decode_fused_attention.h")]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c",
           "-fopenmp", "-shared", "-fPIC"]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
