@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llama_mpi.models.gguf.builder import build_model
 from tests.models.test_tensor_walk import plant_nan
 from tests.mpi_server.server_process import free_port
 from tests.mpi_server.test_mpi_server import BIN, CONFIG, start, wait_ready
@@ -25,11 +24,8 @@ HEARTBEAT_S = 4.0
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    if not (BIN / "mpirun").exists():
-        pytest.skip("no mpirun next to the interpreter (pip install mpich)")
-    return build_model(tmp_path_factory.mktemp("m") / "tiny.gguf", preset="tiny", ftype="f32",
-                       seed=2)
+def tiny(mpi_tiny_model: Path) -> Path:
+    return mpi_tiny_model
 
 
 def _parent(pid: int) -> int:

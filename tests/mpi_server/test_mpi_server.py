@@ -16,7 +16,6 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from llama_mpi.models.gguf.builder import build_model
 from tests.mpi_server.server_process import free_port
 
 BIN = Path(sys.executable).parent
@@ -88,11 +87,8 @@ def constrained_texts(url: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    if not (BIN / "mpirun").exists():
-        pytest.skip("no mpirun next to the interpreter (pip install mpich)")
-    return build_model(tmp_path_factory.mktemp("m") / "tiny.gguf", preset="tiny", ftype="f32",
-                       seed=2)
+def model(mpi_tiny_model: Path) -> Path:
+    return mpi_tiny_model
 
 
 def test_mpi_server_greedy_text_equals_single_process_server(model):
