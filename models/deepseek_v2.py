@@ -106,7 +106,8 @@ class DeepseekV2:
         self.policy = policy  # what stayed mapped from the file and what was copied
         self.devices = opts.layer_devices or [opts.device] * cfg.num_layers
         self.rope = {d: RotaryEmbedding(cfg, d) for d in set(self.devices)}
-        self._fused: FusedDecoder | None | bool = False  # False: not built yet
+        self._fused: FusedDecoder | None = None  # built on the first decode step that wants it
+        self._fused_built = False
         self._fallbacks: set[str] = set()  # reasons already logged
         if opts.graph_mode not in GRAPH_MODES:
             raise ValueError(f"graph_mode must be one of {GRAPH_MODES}, not {opts.graph_mode!r}")
@@ -173,15 +174,15 @@ class DeepseekV2:
         x = embedding(batch.input_ids, self.embed)
         rot = {dev: self.rope[dev].rotations(batch.positions)}
         fused = self._fused_for(batch, pool)
-        blocks = [] if fused is not None else self.blocks
         if fused is not None:
             x = fused.run_layers(x, batch, pool, rot[dev])
-        for block, d in zip(blocks, self.devices, strict=False):
-            if d != x.device:  # layer split: hand the activations to the next device
-                x, batch = x.to(d), batch.to(d)
-            if d not in rot:
-                rot[d] = self.rope[d].rotations(batch.positions)
-            x = block(x, batch, pool, rot[d])
+        else:
+            for block, d in zip(self.blocks, self.devices, strict=True):
+                if d != x.device:  # layer split: hand the activations to the next device
+                    x, batch = x.to(d), batch.to(d)
+                if d not in rot:
+                    rot[d] = self.rope[d].rotations(batch.positions)
+                x = block(x, batch, pool, rot[d])
         if not logits and not self.vocab_parallel:
             return None
         if fused is not None and 0 < batch.logits_indices.numel() <= MAX_FUSED_ROWS:
@@ -204,19 +205,24 @@ class DeepseekV2:
     def fused_decode(self, on: bool) -> None:
         self.opts.fused_decode = bool(on)
 
+    def fused_decoder(self) -> FusedDecoder | None:
+        """The model's native decode layers, built on first use; None where it has none."""
+        if not self._fused_built:
+            self._fused, self._fused_built = FusedDecoder.build(self), True
+        return self._fused
+
     def _fused_for(self, batch: ForwardBatch, pool: LatentKVPool) -> FusedDecoder | None:
         """The fused decoder if this step can run on it, else None (a new reason for the
         eager path is logged once)."""
         wanted = self.opts.fused_decode or self.opts.graph_mode == "on"
         if not wanted or batch.num_tokens > MAX_FUSED_ROWS:
             return None
-        if self._fused is False:
-            self._fused = FusedDecoder.build(self)
-        if self._fused is None or self._fused is True:
+        fused = self.fused_decoder()
+        if fused is None:  # this model cannot run fused (logged once by build)
             return None
-        why = self._fused.accepts(batch, pool)
+        why = fused.accepts(batch, pool)
         if why is None:
-            return self._fused
+            return fused
         if why not in self._fallbacks:
             self._fallbacks.add(why)
             log.info("decode step runs eagerly: %s", why)

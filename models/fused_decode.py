@@ -221,9 +221,10 @@ class FusedDecoder:
         T = batch.num_tokens
         if not 0 < T <= MAX_ROWS:
             return f"{T} rows"
-        if any(e - s > 1 for s, e in batch.spans()) and not self.chunks:
+        longest = max(e - s for s, e in batch.spans())
+        if longest > 1 and not self.chunks:
             return "prefill rows (a sequence with several new tokens)"
-        if any(e - s > self.absorb_max for s, e in batch.spans()):
+        if longest > self.absorb_max:
             return "a sequence's chunk is long enough for naive attention"
         if pool.data[0].dtype != self.dtype:
             return f"KV pool in {pool.data[0].dtype}"

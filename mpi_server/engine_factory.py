@@ -151,11 +151,14 @@ def local_executor(config: ServerConfig) -> ModelExecutor:
                          config.n_threads_batch)
 
 
-def build_engine(config: ServerConfig, executor: ModelExecutor | None = None
+def build_engine(config: ServerConfig, executor: ModelExecutor | None = None,
+                 tokenizer: tuple[Tokenizer, ChatToIds] | None = None,
                  ) -> tuple[AsyncEngine, Tokenizer, ChatToIds, int, int]:
-    tokenizer, chat_to_ids = build_tokenizer(config)
+    """``tokenizer``: what ``build_tokenizer(config)`` returned, if the caller has it already
+    (loading the vocabulary and compiling the template and grammar vocabulary once)."""
+    tok, chat_to_ids = tokenizer or build_tokenizer(config)
     executor = executor or local_executor(config)
     ecfg = EngineConfig(**engine_options(config))
-    engine = AsyncEngine(Engine(executor, tokenizer, ecfg), config.batch_wait_ms / 1000,
+    engine = AsyncEngine(Engine(executor, tok, ecfg), config.batch_wait_ms / 1000,
                          step_timeout_s=config.health_step_timeout)
-    return engine, tokenizer, chat_to_ids, executor.vocab_size, engine.max_model_len
+    return engine, tok, chat_to_ids, executor.vocab_size, engine.max_model_len

@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None, worker_hook: Callable[[int, int], None] 
 
     def prepare():
         def work():
-            if ctx.rank == 0:
-                build_tokenizer(config)  # fail fast on a bad vocabulary or chat template
+            # rank 0's tokenizer first: a bad vocabulary or chat template fails before loading
+            tokenizer = build_tokenizer(config) if ctx.rank == 0 else None
             model = load_shard(config, ctx)
-            return model, pool_geometry(config, model.cfg.max_position_embeddings)
+            return model, pool_geometry(config, model.cfg.max_position_embeddings), tokenizer
 
         if ctx.world_size == 1:
             return work()
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None, worker_hook: Callable[[int, int], None] 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            model, (blocks, block, max_len) = prepare()
+            model, (blocks, block, max_len), _ = prepare()
         except StartupError:  # rank 0 prints the job's message
             return 1
         hook = None if worker_hook is None else functools.partial(worker_hook, ctx.rank)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None, worker_hook: Callable[[int, int], None] 
     def build(cfg):
         nonlocal agreed_failure
         try:
-            model, (blocks, block, max_len) = prepare()
+            model, (blocks, block, max_len), tokenizer = prepare()
         except StartupError:
             agreed_failure = True  # every rank knows and leaves by itself
             raise
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None, worker_hook: Callable[[int, int], None] 
                                    max_model_len=max_len, n_threads=ctx.n_threads,
                                    n_threads_batch=config.n_threads_batch, heartbeat=heartbeat)
         executors.append(executor)
-        return build_engine(cfg, executor)
+        return build_engine(cfg, executor, tokenizer)
 
     code = serve(config, build)
     if agreed_failure:

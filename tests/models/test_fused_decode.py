@@ -72,9 +72,8 @@ def decode(path, fused: bool, absorbed: bool = True, **opts) -> Run:
 def count_calls(model) -> list[int]:
     """Wraps the model's fused layer call (built on first use) with a counter."""
     calls = [0]
-    dec = model._fused if isinstance(model._fused, FusedDecoder) else None
-    if dec is None:
-        dec = model._fused = FusedDecoder(model)
+    dec = model.fused_decoder()
+    assert isinstance(dec, FusedDecoder)
     raw = dec.call
 
     def counted(*a):
@@ -122,7 +121,7 @@ def test_short_prefill_chunks(reference, chunks):
         model = load_model(path, fused_decode=fused)
         calls = count_calls(model) if fused else [0]
         if fused:
-            model._fused.chunks = chunks
+            model.fused_decoder().chunks = chunks
         pool = model.make_kv_pool(12, BLOCK)
         batch = ForwardBatch.build([(SEQS[0][:5], 0, [0, 1]), (SEQS[1][:7], 0, [5, 4])], BLOCK,
                                    all_logits=True)
@@ -168,7 +167,7 @@ def test_falls_back_with_one_log_line(reference, caplog):
         run = Run(model, SEQS, extra=4)
         run.step([0, 1, 2])
         run.step([0])
-    assert model._fused is None
+    assert model.fused_decoder() is None
     lines = [r for r in caplog.records if "fused decode off" in r.getMessage()]
     assert len(lines) == 1 and "float16" in lines[0].getMessage()
 
@@ -176,7 +175,7 @@ def test_falls_back_with_one_log_line(reference, caplog):
     assert FusedDecoder.build(model) is not None
     model = load_model(path, fused_decode=False)
     Run(model, SEQS, extra=1).step([0])
-    assert model._fused is False  # never built
+    assert not model._fused_built  # never built
 
 
 def test_torch_quant_backend_falls_back(reference):
