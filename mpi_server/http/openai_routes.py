@@ -155,10 +155,7 @@ async def _chat_stream(
             return {"content": text} if text else {}
         parts = shaper.feed(text) if text else so.MessageParts()
         if final:
-            last = shaper.finish()
-            parts = so.MessageParts(parts.content + last.content,
-                                    parts.reasoning + last.reasoning,
-                                    parts.tool_calls + last.tool_calls)
+            parts = parts + shaper.finish()
         called[c.index] = called[c.index] or bool(parts.tool_calls)
         return parts.delta()
 

@@ -140,6 +140,10 @@ class MessageParts:
     def __bool__(self) -> bool:
         return bool(self.content or self.reasoning or self.tool_calls)
 
+    def __add__(self, later: MessageParts) -> MessageParts:
+        return MessageParts(self.content + later.content, self.reasoning + later.reasoning,
+                            self.tool_calls + later.tool_calls)
+
     def delta(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.reasoning:
@@ -189,8 +193,8 @@ class ReplyShaper:
 
     def whole(self, text: str) -> tuple[MessageParts, list[Any]]:
         """(totals, tool calls) of a finished text, in one go."""
-        first, last = self.feed(text), self.finish()
-        parts = MessageParts(first.content + last.content, first.reasoning + last.reasoning)
+        parts = self.feed(text) + self.finish()
+        parts.tool_calls = []  # the whole calls come from the parser, not its deltas
         calls = list(self.parser.tool_calls) if self.parser is not None else []
         return parts, calls
 
